@@ -1,0 +1,299 @@
+"""DFM image classification with a CNN trained from scratch (paper Appendix D.2, Table 5, Table 3).
+
+Setup (paper defaults): three conv stages of 96 / 384 / 1536 channels, latent d = 512, T residual-MLP
+flow heads (hidden 1024, LayerNorm, dropout) on the pooled features; AdamW lr 5e-4, wd 1e-4, 5-epoch
+linear warmup then cosine, 200 epochs, batch 128, weight EMA 0.995, AutoAugment on CIFAR, gradient
+clipping 1.0. Two head topologies: 'parallel' (all heads read the last stage, the paper's
+"parallel consensus") and 'sequential' (head k reads stage k). Two schedules: --mode parallel (every
+batch trains all heads) and --mode sequential (Algorithm 1: per epoch, per block k, a full pass).
+
+T: the paper does not give T for the CNN. We use T = 3: the sequential topology attaches one head per
+conv stage, and three stages give three heads, so both topologies run with the same number of heads
+and the Table 3 comparison is like for like. With --T other than 3 in the sequential topology, heads
+are spread evenly over the stages (head k reads stage floor(k * 3 / T)).
+
+--method bp: the paper's baseline (D.2 "From-Scratch Baselines"): the same backbone, then T stacked
+residual-MLP layers of the heads' size and a linear classifier, trained end to end; its own defaults
+(60 epochs, batch 128, AdamW lr 1e-3, wd 0.01, cosine) apply unless the flags are given.
+
+Quickstart (offline, real handwritten digits from scikit-learn; measured numbers in README.md):
+    python train_cls_cnn.py --dataset digits --epochs 30 --out runs/cnn_digits.pt
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import core
+
+# --method bp overrides these defaults when the flag is not given (paper D.2)
+BP_DEFAULTS = {"epochs": 60, "bs": 128, "lr": 1e-3, "wd": 0.01, "warmup": 0, "ema": 0.0}
+# native input size per dataset
+IMG_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DFM CNN classification from scratch", add_help=True)
+    # data
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "mnist", "tinyimagenet", "digits"],
+                   help="dataset; digits is scikit-learn's offline handwritten digits")
+    p.add_argument("--data", default="data", help="dataset root folder (downloaded there when online)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the dataset's native size)")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers (0 for digits)")
+    # method
+    p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the backprop baseline")
+    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
+                   help="schedule: every batch trains all heads, or Algorithm 1 (a full pass per head)")
+    p.add_argument("--topology", default="parallel", choices=["parallel", "sequential"],
+                   help="heads on the last stage (parallel consensus), or head k on stage k")
+    p.add_argument("--T", type=int, default=3, help="number of flow heads (bp: number of stacked layers)")
+    p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
+    p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the anchor cross-entropy (paper: 1)")
+    p.add_argument("--mse", default="mean", choices=["mean", "sum"],
+                   help="flow MSE averaged over latent dims (A.1.1 'MSE') or summed (||.||^2 of Alg. 1)")
+    p.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
+    # model size
+    p.add_argument("--channels", default="96,384,1536", help="channels of the three conv stages")
+    p.add_argument("--dim", type=int, default=512, help="latent dimension d")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden width of the residual-MLP heads")
+    p.add_argument("--head-blocks", type=int, default=2, help="residual blocks per head")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the heads")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=200, help="epochs (bp default 60)")
+    p.add_argument("--bs", type=int, default=128, help="batch size")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (bp default 1e-3)")
+    p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay (bp default 0.01)")
+    p.add_argument("--warmup", type=int, default=5, help="linear warmup epochs before cosine (bp default 0)")
+    p.add_argument("--ema", type=float, default=0.995, help="weight EMA decay, 0 to disable (bp default 0)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    # run
+    p.add_argument("--seed", type=int, default=0, help="random seed (also seeds evaluation noise)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
+    return p
+
+
+def apply_method_defaults(args, argv):
+    """bp has its own D.2 defaults; a flag given on the command line always wins."""
+    if args.method == "bp":
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        for key, value in BP_DEFAULTS.items():
+            if key not in given:
+                setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def build_data(args):
+    size = args.img_size or IMG_SIZE[args.dataset]
+    if args.dataset == "digits":  # tensors [1, 8, 8]; a small random shift as augmentation
+        train_tf = v2.Compose([v2.Resize(size, antialias=True), v2.RandomAffine(0, translate=(0.1, 0.1)),
+                               v2.Normalize([0.5], [0.5])])
+        test_tf = v2.Compose([v2.Resize(size, antialias=True), v2.Normalize([0.5], [0.5])])
+    else:
+        gray = args.dataset == "mnist"
+        mean, std = ([0.5], [0.5]) if gray else ([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261])
+        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        aug = [] if gray else [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip(),
+                               v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)]
+        train_tf = v2.Compose([v2.Resize(size, antialias=True)] + aug + to_tensor)
+        test_tf = v2.Compose([v2.Resize(size, antialias=True)] + to_tensor)
+    train, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf)
+    in_ch = 1 if args.dataset in ("digits", "mnist") else 3
+    return core.WithIndex(train), core.WithIndex(test), num_classes, in_ch
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+class ConvBackbone(nn.Module):
+    """Three stages of conv3x3-BN-ReLU-maxpool2; returns the global-average-pooled output of every
+    stage, [B, C_s] each (the sequential topology reads stage k, the parallel one the last)."""
+
+    def __init__(self, in_ch, channels):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        for c in channels:
+            self.stages.append(nn.Sequential(nn.Conv2d(in_ch, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                             nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)))
+            in_ch = c
+        self.channels = list(channels)
+
+    def forward(self, x):
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x.mean((2, 3)))
+        return feats
+
+
+class BPClassifier(nn.Module):
+    """The bp baseline: backbone, T stacked residual-MLP layers of the heads' size, linear classifier."""
+
+    def __init__(self, backbone, num_classes, dim, hidden, T, blocks, dropout):
+        super().__init__()
+        self.backbone = backbone
+        widths = [backbone.channels[-1]] + [dim] * T
+        self.layers = nn.ModuleList(core.ResidualMLP(widths[i], hidden, dim, blocks, dropout) for i in range(T))
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, x):
+        h = self.backbone(x)[-1]
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def build_model(args, num_classes, in_ch):
+    """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
+    channels = [int(c) for c in str(args.channels).split(",")]
+    backbone = ConvBackbone(in_ch, channels)
+    if args.method == "bp":
+        return BPClassifier(backbone, num_classes, args.dim, args.hidden, args.T, args.head_blocks, args.dropout)
+    if args.topology == "sequential":
+        stages = [k * len(channels) // args.T for k in range(args.T)]
+    else:
+        stages = [len(channels) - 1] * args.T
+    heads = [core.MLPFlowHead(channels[s], args.dim, args.hidden, args.head_blocks, args.dropout) for s in stages]
+    return core.FlowClassifier(backbone, heads, num_classes, args.dim, stages, channels[-1], guard=not args.no_guard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train_step(model, x, y, heads, args, device):
+    """One optimiser-free step: forward + block-wise (fm) or joint (bp) backward. Returns losses."""
+    with core.autocast(device, args.amp):
+        feats = model.backbone(x)
+        if args.method == "bp":
+            h = feats[-1]
+            for layer in model.layers:
+                h = layer(h)
+            loss = F.cross_entropy(model.head(h).float(), y)
+            if not torch.isfinite(loss):
+                raise core.NonFiniteLoss("bp", loss.item())
+            loss.backward()
+            return {"loss": loss.item()}
+        losses = core.blockwise_backward(feats, heads, lambda k, f: model.head_loss(
+            k, f, y, args.lam, args.time_split, args.sigma_min, args.mse))
+        probe = model.probe_loss(feats, y)
+    probe.backward()
+    return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(), **{f"loss_h{k}": v for k, v in losses.items()}}
+
+
+def evaluate(model, loader, args, device):
+    if args.method == "bp":
+        return core.evaluate_logits(model, loader, device, args.amp)
+    return core.evaluate_flow(model, loader, device, args.seed, args.amp)
+
+
+def main(args):
+    device = core.get_device(args.device)
+    core.seed_everything(args.seed)
+    try:
+        train_set, test_set, num_classes, in_ch = build_data(args)
+    except core.DataError as e:
+        sys.exit(f"error: {e}")
+    loader_kw = dict(num_workers=0 if args.dataset == "digits" else args.workers, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_set, args.bs, shuffle=True, drop_last=len(train_set) > args.bs,
+                                               **loader_kw)
+    test_loader = torch.utils.data.DataLoader(test_set, 512, shuffle=False, **loader_kw)
+
+    model = build_model(args, num_classes, in_ch).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1  # Algorithm 1: T passes per epoch
+    steps_per_epoch = passes * (min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader))
+    scheduler = core.warmup_cosine(optimizer, args.warmup * steps_per_epoch, args.epochs * steps_per_epoch)
+    ema = core.make_ema(model, args.ema) if args.ema > 0 else None
+
+    log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    start_epoch = 0
+    if args.resume:
+        try:
+            state = core.load_checkpoint(args.out)
+        except core.CheckpointError as e:
+            sys.exit(f"error: {e}")
+        if state.get("script") != os.path.basename(__file__):
+            sys.exit(f"error: {args.out} was written by {state.get('script')}, not {os.path.basename(__file__)}")
+        arch = ("method", "topology", "T", "channels", "dim", "hidden", "head_blocks", "dataset", "img_size", "no_guard")
+        diff = [k for k in arch if state["args"].get(k) != getattr(args, k)]
+        if diff:
+            sys.exit(f"error: {args.out} was trained with different {', '.join(diff)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        core.set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+    elif os.path.exists(args.out):
+        sys.exit(f"error: {args.out} exists; pass --resume to continue it or choose another --out")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        open(log_path, "w").close()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.method} on {args.dataset}: T={args.T} mode={args.mode} topology={args.topology} "
+          f"params={n_params / 1e6:.2f}M device={device} batch={args.bs}")
+    peak = None
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        t0, sums, count = time.time(), {}, 0
+        blocks = [[k] for k in range(args.T)] if passes > 1 else [list(range(args.T))]
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
+        for heads in blocks:
+            for step, (x, y, _) in enumerate(train_loader):
+                if args.max_steps and step >= args.max_steps:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    if peak is None:  # memory of one training step, measured once per run on a copy
+                        peak = core.measure_step_memory(lambda m: train_step(m, x, y, heads, args, device),
+                                                        model, device)
+                    losses = train_step(model, x, y, heads, args, device)
+                except core.NonFiniteLoss as e:
+                    sys.exit(f"error: {e} at epoch {epoch + 1} step {step}; the last good checkpoint "
+                             f"{args.out} is untouched")
+                core.clip_and_step(optimizer, model.parameters(), args.clip)
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+                bar.update()
+                bar.set_postfix(loss=f"{losses['loss']:.3f}")
+        bar.close()
+        metrics = evaluate(ema.module if ema is not None else model, test_loader, args, device)
+        record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, **metrics,
+                  "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak}
+        main_metric = "acc" if args.method == "bp" else "acc_ensemble"
+        print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} {main_metric} {metrics[main_metric]:.4f}"
+              + ("" if args.method == "bp" else f" single {metrics['acc_single']:.4f} multistep "
+                 f"{metrics['acc_multistep']:.4f} probe {metrics['acc_probe']:.4f}") + f" ({record['time']:.1f}s)")
+        core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                              "rng": core.rng_state(), "epoch": epoch, "script": os.path.basename(__file__),
+                              "args": vars(args), "num_classes": num_classes, "in_ch": in_ch}, args.out)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record if start_epoch < args.epochs else None
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    main(apply_method_defaults(get_args_parser().parse_args(argv), argv))
