@@ -115,6 +115,18 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
+def truncate_log(path, epochs):
+    """On resume: keep the JSON-lines log's first `epochs` epoch records (a run killed between its
+    log line and its checkpoint would otherwise log that epoch twice)."""
+    if not os.path.exists(path):
+        return
+    import json
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= epochs]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
 def rng_state():
     """All RNG states, in types that torch.load(weights_only=True) accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -369,7 +381,7 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
     t = sample_t(z1.shape[0], head_index, T, time_split, z1.device) if t is None else t
     zt, u = path(z0, z1_flow, t, sigma_min)
     v = head(zt, feat, t)
-    err = (v.float() - u.float()) ** 2
+    err = (v - u).to(torch.promote_types(v.dtype, torch.float32)) ** 2  # fp32 at least, also under bf16
     mse = err.mean() if reduction == "mean" else err.flatten(1).sum(1).mean()
     z1_hat = endpoint(zt, v, t)
     if detach_target:  # same value; routes the anchor gradient into z1 through zt's t * z1 term
@@ -403,18 +415,20 @@ class FlowClassifier(nn.Module):
         """L_k = MSE + lam * CE(W_cls^T z1_hat, y) (eq. 19) for head k on backbone features `feats`."""
         mse, z1_hat = flow_matching_loss(self.heads[k], feats[self.head_stage[k]], self.embed(y), k, self.T,
                                          time_split, sigma_min, reduction, detach_target=self.embed.guard)
-        ce = F.cross_entropy(self.cls(z1_hat.float()), y)
+        ce = F.cross_entropy(self.logits(z1_hat), y)
         return mse + lam * ce
 
     def probe_loss(self, feats, y):
         """Cross-entropy of the linear probe on detached, pooled last-stage features (eq. 32)."""
-        return F.cross_entropy(self.probe(pool(feats[-1]).detach().float()), y)
+        return F.cross_entropy(self.probe(pool(feats[-1]).detach()).float(), y)
 
     def velocity(self, k, z, feats, t):
         return self.heads[k](z, feats[self.head_stage[k]], t)
 
     def logits(self, z):
-        return self.cls(z.float())
+        """W_cls^T z (eqs. 16, 29), in fp32 at least."""
+        out = self.cls(z.to(self.cls.weight.dtype))
+        return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
 def pool(feat):
@@ -567,7 +581,7 @@ def evaluate_flow(model, loader, device, seed=0, amp=False, ks=(1, 5)):
             outputs = {f"h{k}": model.logits(z) for k, z in enumerate(singles)}
             outputs["ensemble"] = model.logits(torch.stack(singles).mean(0))
             outputs["multistep"] = model.logits(integrate(velocity, z0, T))
-            outputs["probe"] = model.probe(pool(feats[-1]).float())
+            outputs["probe"] = model.probe(pool(feats[-1]))
         for name, logits in outputs.items():
             hits[name] = [a + b for a, b in zip(hits[name], topk_correct(logits.float(), y, ks))]
         n += len(y)

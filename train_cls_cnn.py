@@ -177,16 +177,13 @@ def build_model(args, num_classes, in_ch):
 def train_step(model, x, y, heads, args, device):
     """One optimiser-free step: forward + block-wise (fm) or joint (bp) backward. Returns losses."""
     with core.autocast(device, args.amp):
-        feats = model.backbone(x)
         if args.method == "bp":
-            h = feats[-1]
-            for layer in model.layers:
-                h = layer(h)
-            loss = F.cross_entropy(model.head(h).float(), y)
+            loss = F.cross_entropy(model(x).float(), y)
             if not torch.isfinite(loss):
                 raise core.NonFiniteLoss("bp", loss.item())
             loss.backward()
             return {"loss": loss.item()}
+        feats = model.backbone(x)
         losses = core.blockwise_backward(feats, heads, lambda k, f: model.head_loss(
             k, f, y, args.lam, args.time_split, args.sigma_min, args.mse))
         probe = model.probe_loss(feats, y)
@@ -239,6 +236,7 @@ def main(args):
             ema.load_state_dict(state["ema"])
         core.set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
+        core.truncate_log(log_path, start_epoch)
     elif os.path.exists(args.out):
         sys.exit(f"error: {args.out} exists; pass --resume to continue it or choose another --out")
     else:
@@ -285,12 +283,12 @@ def main(args):
         print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} {main_metric} {metrics[main_metric]:.4f}"
               + ("" if args.method == "bp" else f" single {metrics['acc_single']:.4f} multistep "
                  f"{metrics['acc_multistep']:.4f} probe {metrics['acc_probe']:.4f}") + f" ({record['time']:.1f}s)")
+        with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
+            f.write(json.dumps(record) + "\n")
         core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
                               "rng": core.rng_state(), "epoch": epoch, "script": os.path.basename(__file__),
                               "args": vars(args), "num_classes": num_classes, "in_ch": in_ch}, args.out)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
     return record if start_epoch < args.epochs else None
 
 

@@ -1,0 +1,401 @@
+"""Tests of the DFM core and the classification scripts (CPU, a few minutes in all).
+
+Exact-answer tests of the method (gradient locality, block-wise = joint gradient, constant
+activation memory, exact ODE solvers, the sequential schedule, the collapse guard), then tiny
+end-to-end runs of the scripts on the offline digits data, resume, and user-error messages.
+"""
+import copy
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import core
+import train_cls_cnn
+import train_cls_vit
+
+
+def tiny_classifier(T, feat=12, dim=8, classes=5, guard=True, dtype=torch.float32, dropout=0.0):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, feat), nn.Tanh())
+    heads = [core.MLPFlowHead(feat, dim, hidden=16, blocks=1, dropout=dropout) for _ in range(T)]
+    model = core.FlowClassifier(ListOut(backbone), heads, classes, dim, probe_dim=feat, guard=guard)
+    return model.to(dtype)
+
+
+class ListOut(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return [self.net(x)]
+
+
+def batch(n=16, classes=5, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# gradients
+# ------------------------------------------------------------------------------------------------
+def test_gradient_locality_head_k_touches_no_other_head():
+    model = tiny_classifier(T=4)
+    x, y = batch()
+    core.blockwise_backward(model.backbone(x), [2], lambda k, f: model.head_loss(k, f, y))
+    for k, head in enumerate(model.heads):
+        grads = [p.grad for p in head.parameters()]
+        if k == 2:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None for g in grads), f"head {k} received gradient from head 2's loss"
+    assert all(p.grad is not None for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_blockwise_backbone_gradient_equals_joint_backward(guard):
+    model = tiny_classifier(T=5, guard=guard, dtype=torch.float64)
+    x, y = batch(dtype=torch.float64)
+    loss_fn = lambda k, f: model.head_loss(k, f, y, time_split=False)  # noqa: E731
+
+    torch.manual_seed(7)
+    core.blockwise_backward(model.backbone(x), range(5), loss_fn)
+    blockwise = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(7)  # same z0 and t draws, in the same order
+    feats = model.backbone(x)
+    sum(loss_fn(k, feats) for k in range(5)).backward()
+    joint = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert blockwise.keys() == joint.keys()
+    for name in joint:
+        rel = (blockwise[name] - joint[name]).norm() / joint[name].norm().clamp_min(1e-30)
+        assert rel <= 1e-5, f"{name}: relative error {rel:.2e}"
+
+
+def test_blockwise_backward_names_the_head_with_a_nonfinite_loss():
+    model = tiny_classifier(T=3)
+    x, y = batch()
+
+    def loss_fn(k, f):
+        loss = model.head_loss(k, f, y)
+        return loss * float("nan") if k == 1 else loss
+
+    with pytest.raises(core.NonFiniteLoss, match="head 1"):
+        core.blockwise_backward(model.backbone(x), range(3), loss_fn)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+# ------------------------------------------------------------------------------------------------
+def saved_bytes_of_step(model, x, y, method):
+    def step():
+        feats = model.backbone(x)
+        if method == "fm":
+            core.blockwise_backward(feats, range(model.T), lambda k, f: model.head_loss(k, f, y))
+        else:
+            h = feats[-1]
+            for layer in model.layers:
+                h = layer(h)
+            torch.nn.functional.cross_entropy(model.head(h), y).backward()
+    with core.SavedActivationMeter(exclude=list(model.parameters())) as meter:
+        step()
+    return meter.peak
+
+
+def test_fm_saved_activations_do_not_grow_with_T_while_bp_do():
+    args = train_cls_cnn.get_args_parser().parse_args(["--channels", "8,16,32", "--dim", "32", "--hidden", "64"])
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    peaks = {}
+    for method in ("fm", "bp"):
+        for T in (2, 16):
+            args.method, args.T = method, T
+            torch.manual_seed(0)
+            peaks[method, T] = saved_bytes_of_step(train_cls_cnn.build_model(args, 10, 1), x, y, method)
+    assert abs(peaks["fm", 16] / peaks["fm", 2] - 1) <= 0.05, peaks
+    assert peaks["bp", 16] >= 2 * peaks["bp", 2], peaks
+
+
+def test_meter_counts_a_shared_storage_once_and_frees_with_the_graph():
+    w = torch.randn(100, requires_grad=True)
+    with core.SavedActivationMeter() as meter:
+        a = torch.randn(1000)
+        y = (w.repeat(10) * a).sum() + (a * 2.0 * w.repeat(10)).sum()  # `a` saved twice
+        assert meter.current >= a.numel() * 4
+        y.backward()
+    assert meter.current == 0
+    assert meter.peak < 6 * a.numel() * 4  # a once + the two repeats + small temporaries
+
+
+# ------------------------------------------------------------------------------------------------
+# inference
+# ------------------------------------------------------------------------------------------------
+def test_euler_is_exact_on_the_straight_conditional_field():
+    z0, z1 = torch.randn(4, 3), torch.randn(4, 3)
+    velocity = lambda k, z, t: (z1 - z) / (1 - t[:, None])  # noqa: E731  exact solution: z1 at t = 1
+    for steps in (1, 3, 7):
+        torch.testing.assert_close(core.integrate(velocity, z0, T=3, steps=steps), z1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["heun", "midpoint"])
+def test_second_order_solvers_are_exact_for_velocity_linear_in_t(method):
+    z0, a, b = torch.randn(4, 3), torch.randn(3), torch.randn(3)
+    velocity = lambda k, z, t: a + b * t[:, None]  # noqa: E731  z(1) = z0 + a + b / 2
+    out = core.integrate(velocity, z0, T=2, steps=4, method=method)
+    torch.testing.assert_close(out, z0 + a + b / 2, rtol=1e-5, atol=1e-5)
+    euler = core.integrate(velocity, z0, T=2, steps=4, method="euler")
+    assert (euler - (z0 + a + b / 2)).abs().max() > 1e-2  # Euler is not exact here: the test can tell
+
+
+def test_ensemble_is_the_mean_of_single_steps_and_multistep_uses_head_k_on_step_k():
+    z0 = torch.randn(5, 4)
+    shifts = torch.randn(3, 4)
+    calls = []
+
+    def velocity(k, z, t):
+        calls.append((k, round(float(t[0]), 6)))
+        return shifts[k] + 0 * z
+
+    singles = [core.single_step(velocity, z0, k) for k in range(3)]
+    torch.testing.assert_close(core.ensemble(velocity, z0, 3), torch.stack(singles).mean(0))
+    calls.clear()
+    out = core.integrate(velocity, z0, T=3)
+    assert calls == [(0, 0.0), (1, round(1 / 3, 6)), (2, round(2 / 3, 6))]
+    torch.testing.assert_close(out, z0 + shifts.sum(0) / 3)
+    calls.clear()
+    core.integrate(velocity, z0, T=3, steps=6)
+    assert [k for k, _ in calls] == [0, 0, 1, 1, 2, 2]
+
+
+def test_noise_is_seeded_per_sample_not_per_batch():
+    idx = torch.arange(10)
+    torch.testing.assert_close(core.noise_for(idx, (4,), seed=3)[6:], core.noise_for(idx[6:], (4,), seed=3))
+    assert not torch.equal(core.noise_for(idx, (4,), seed=3), core.noise_for(idx, (4,), seed=4))
+
+
+def test_evaluation_does_not_depend_on_batch_size():
+    model = tiny_classifier(T=3)
+    x, y = batch(37)
+    data = core.WithIndex(torch.utils.data.TensorDataset(x, y))
+    results = [core.evaluate_flow(model, torch.utils.data.DataLoader(data, bs), torch.device("cpu"))
+               for bs in (5, 37)]
+    assert results[0] == results[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# path, time split, collapse guard
+# ------------------------------------------------------------------------------------------------
+def test_sigma_min_path_matches_lipman_and_endpoint_recovers_z1():
+    z0, z1, t = torch.randn(6, 3), torch.randn(6, 3), torch.rand(6)
+    zt, u = core.path(z0, z1, t, sigma_min=0.0)
+    torch.testing.assert_close(core.endpoint(zt, u, t), z1)
+    s = 0.1
+    zt, u = core.path(z0, z1, t, sigma_min=s)
+    torch.testing.assert_close(zt, (1 - (1 - s) * t[:, None]) * z0 + t[:, None] * z1)
+    # Lipman et al. conditional OT field u_t(x | x1) = (x1 - (1 - s) x) / (1 - (1 - s) t)
+    torch.testing.assert_close(u, (z1 - (1 - s) * zt) / (1 - (1 - s) * t[:, None]))
+
+
+def test_time_split_draws_t_from_the_heads_interval():
+    for k in range(4):
+        t = core.sample_t(5000, k, 4, True, "cpu")
+        assert t.min() >= k / 4 and t.max() < (k + 1) / 4
+        assert t.max() - t.min() > 0.24
+    t = core.sample_t(5000, 2, 4, False, "cpu")
+    assert t.min() < 0.05 and t.max() > 0.95
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_collapse_guard_keeps_class_targets_apart(guard):
+    """Train on the flow loss alone (lambda = 0): the unguarded table collapses, the guarded one does not."""
+    model = tiny_classifier(T=2, guard=guard)
+    x, y = batch(64)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+
+    def spread():
+        table = model.embed.table().detach()
+        return torch.pdist(table).min() / table.norm(dim=-1).mean()
+
+    before = spread()
+    for _ in range(150):
+        opt.zero_grad()
+        core.blockwise_backward(model.backbone(x), range(2), lambda k, f: model.head_loss(k, f, y, lam=0.0))
+        opt.step()
+    after = spread()
+    if guard:
+        assert after >= 0.9 * before
+    else:
+        assert after < 0.5 * before  # the failure the guard prevents
+    assert model.embed.table().norm(dim=-1).mean() > (0.9 * np.sqrt(8) if guard else 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# schedules and scripts
+# ------------------------------------------------------------------------------------------------
+SMALL_CNN = ["--dataset", "digits", "--channels", "8,16,32", "--dim", "16", "--hidden", "32", "--bs", "64",
+             "--warmup", "0", "--ema", "0.9"]
+SMALL_VIT = ["--dataset", "digits", "--dim", "32", "--depth", "1", "--heads", "2", "--bs", "64"]
+
+
+def parse(module, argv):
+    return module.apply_method_defaults(module.get_args_parser().parse_args(argv), argv)
+
+
+def test_sequential_schedule_changes_only_head_k_and_shared_parts():
+    args = parse(train_cls_cnn, SMALL_CNN + ["--mode", "sequential", "--T", "3"])
+    model = train_cls_cnn.build_model(args, 10, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for k in range(3):
+        before = copy.deepcopy(model.state_dict())
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            train_cls_cnn.train_step(model, x, y, [k], args, torch.device("cpu"))
+            core.clip_and_step(optimizer, model.parameters(), 1.0)
+        after = model.state_dict()
+        changed = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("heads.") else "")
+                   for n in after if not torch.equal(before[n], after[n])}
+        assert changed == {"backbone", f"heads.{k}", "embed", "cls", "probe"}, changed
+
+
+def run_script(module, argv, tmp_path, name="run.pt"):
+    out = str(tmp_path / name)
+    return module.main(parse(module, argv + ["--out", out])), out
+
+
+@pytest.mark.parametrize("extra", [[], ["--mode", "sequential", "--topology", "sequential", "--time-split"],
+                                   ["--method", "bp", "--epochs", "1"]])
+def test_cnn_script_end_to_end_on_digits(tmp_path, extra):
+    record, out = run_script(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "3"] + extra, tmp_path)
+    keys = ["acc"] if "bp" in extra else ["acc_single", "acc_ensemble", "acc_multistep", "acc_probe",
+                                          "acc_ensemble_top5"]
+    lines = open(out[:-3] + ".jsonl").read().splitlines()
+    assert len(lines) == 1 and all(0 <= record[k] <= 1 for k in keys)
+    assert record["peak_step_bytes"] > 0
+    state = core.load_checkpoint(out)
+    assert state["script"] == "train_cls_cnn.py" and state["epoch"] == 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--head", "mlp", "--mode", "sequential"], ["--method", "bp", "--epochs", "1"]])
+def test_vit_script_end_to_end_on_digits(tmp_path, extra):
+    record, out = run_script(train_cls_vit, SMALL_VIT + ["--epochs", "1", "--max-steps", "3"] + extra, tmp_path)
+    assert 0 <= record["acc" if "bp" in extra else "acc_ensemble"] <= 1
+
+
+@pytest.mark.parametrize("module,argv", [(train_cls_cnn, SMALL_CNN), (train_cls_vit, SMALL_VIT)])
+def test_resume_is_bit_identical(tmp_path, monkeypatch, module, argv):
+    argv = argv + ["--max-steps", "3", "--T", "2", "--epochs", "2"]
+    straight, out_a = run_script(module, argv, tmp_path, "a.pt")
+    save = core.save_checkpoint
+
+    def save_then_die(*a, **k):  # the run is killed right after its first checkpoint
+        save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_script(module, argv, tmp_path, "b.pt")
+    monkeypatch.setattr(core, "save_checkpoint", save)
+    resumed, out_b = run_script(module, argv + ["--resume"], tmp_path, "b.pt")
+    assert len(open(out_b[:-3] + ".jsonl").read().splitlines()) == 2
+    a, b = core.load_checkpoint(out_a), core.load_checkpoint(out_b)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    drop = ("time",)
+    assert {k: v for k, v in straight.items() if k not in drop} == {k: v for k, v in resumed.items() if k not in drop}
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and user errors
+# ------------------------------------------------------------------------------------------------
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_loading_refuses_pickled_objects_and_garbage(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": Payload()}, evil)
+    with pytest.raises(core.CheckpointError, match="not a loadable checkpoint"):
+        core.load_checkpoint(str(evil))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(core.CheckpointError, match="not a loadable checkpoint"):
+        core.load_checkpoint(str(junk))
+    good = tmp_path / "good.pt"
+    core.save_checkpoint({"model": {"w": torch.ones(100_000)}}, str(good))
+    good.write_bytes(good.read_bytes()[:1000])  # truncated
+    with pytest.raises(core.CheckpointError):
+        core.load_checkpoint(str(good))
+
+
+def exit_message(module, argv):
+    with pytest.raises(SystemExit) as info:
+        module.main(parse(module, argv))
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_missing_data_gives_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(tvu, "download_url", offline)
+    empty = tmp_path / "nodata"
+    message = exit_message(train_cls_cnn, ["--dataset", "cifar10", "--data", str(empty), "--out", str(tmp_path / "x.pt")])
+    assert str(empty) in message and "cifar-10-batches-py" in message
+    message = exit_message(train_cls_vit, ["--dataset", "tinyimagenet", "--data", str(empty),
+                                           "--out", str(tmp_path / "x.pt")])
+    assert "tiny-imagenet-200" in message
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_wrong_or_corrupt_checkpoint_on_resume(tmp_path):
+    _, out = run_script(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "1", "--T", "2"], tmp_path)
+    good = open(out, "rb").read()
+    message = exit_message(train_cls_vit, SMALL_VIT + ["--out", out, "--resume"])
+    assert "train_cls_cnn.py" in message
+    message = exit_message(train_cls_cnn, SMALL_CNN + ["--T", "3", "--out", out, "--resume"])
+    assert "different T" in message
+    message = exit_message(train_cls_cnn, SMALL_CNN + ["--T", "2", "--out", out])
+    assert "exists" in message
+    assert open(out, "rb").read() == good
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good[: len(good) // 2])
+    message = exit_message(train_cls_cnn, SMALL_CNN + ["--T", "2", "--out", str(bad), "--resume"])
+    assert "not a loadable checkpoint" in message
+
+
+def write_idx(path, array):
+    """MNIST's idx format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian dims, raw bytes."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_mnist_files_under_data_are_read_through_torchvision_offline(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+    monkeypatch.setattr(tvu, "download_url", lambda *a, **k: pytest.fail("tried to download"))
+    (xtr, ytr), (xte, yte) = core.digits_split()
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    up = lambda x: torch.nn.functional.interpolate(x, size=28, mode="bilinear").squeeze(1).numpy() * 255  # noqa: E731
+    write_idx(raw / "train-images-idx3-ubyte", up(xtr))
+    write_idx(raw / "train-labels-idx1-ubyte", ytr.numpy())
+    write_idx(raw / "t10k-images-idx3-ubyte", up(xte))
+    write_idx(raw / "t10k-labels-idx1-ubyte", yte.numpy())
+    argv = ["--dataset", "mnist", "--data", str(tmp_path), "--channels", "8,16,32", "--dim", "16", "--hidden", "32",
+            "--epochs", "1", "--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "m.pt")]
+    record = train_cls_cnn.main(parse(train_cls_cnn, argv))
+    assert 0 <= record["acc_ensemble"] <= 1
+    train, test, classes = core.classification_data("mnist", str(tmp_path), download=False)
+    assert (len(train), len(test), classes) == (len(ytr), len(yte), 10)

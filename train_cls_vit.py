@@ -1,0 +1,325 @@
+"""DFM image classification with a ViT trained from scratch (paper Appendix D.2, Table 4, Table 3).
+
+Setups (paper defaults, picked by --dataset; every number can be overridden by its flag):
+  cifar10       ViT[dim 128, depth 5, heads 4], patch 4, T = 5, 50 epochs, batch 128, random crop + flip
+  cifar100      ViT[192, 6, 6], patch 4, T = 6, 300 epochs, batch 512, AutoAugment + RandomErasing 0.25
+  tinyimagenet  ViT[240, 6, 7], 64x64 input, 8x8 conv stem, T = 7, 1500 epochs, batch 256,
+                AutoAugment + RandomErasing 0.25 + rotation 20 degrees
+  mnist         the cifar10 setup on 28x28 grey images (patch 4)
+  digits        a small ViT[64, 2, 4] on the 8x8 offline digits, patch 2, T = 3 (quick CPU runs)
+AdamW lr 5e-4, wd 1e-4, 5-epoch warmup then cosine, gradient clipping 1.0, no EMA. No class token
+and no global pooling: the backbone's unpooled token sequence is the memory every flow head reads.
+Each flow head is a token head (core.TokenFlowHead: the latent z_t + e_t as a query token through one
+transformer block over [query; tokens]); --head mlp uses residual-MLP heads on mean-pooled tokens.
+
+--method bp: the paper's baseline: the same ViT, then T stacked transformer blocks of the heads' size,
+mean pooling and a linear classifier, trained end to end (60 epochs, batch 128, lr 5e-4, wd 0.01).
+
+Offline run (measured numbers in README.md):
+    python train_cls_vit.py --dataset digits --epochs 40 --out runs/vit_digits.pt
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import timm
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import core
+
+# --method bp overrides these defaults when the flag is not given (paper D.2)
+BP_DEFAULTS = {"epochs": 60, "bs": 128, "lr": 5e-4, "wd": 0.01, "warmup": 0}
+# paper setups (D.2) per dataset: flags left at None take these
+SETUPS = {
+    "cifar10": dict(dim=128, depth=5, heads=4, T=5, patch=4, img_size=32, epochs=50, bs=128, stem="patch"),
+    "cifar100": dict(dim=192, depth=6, heads=6, T=6, patch=4, img_size=32, epochs=300, bs=512, stem="patch"),
+    "tinyimagenet": dict(dim=240, depth=6, heads=7, T=7, patch=8, img_size=64, epochs=1500, bs=256, stem="conv"),
+    "mnist": dict(dim=128, depth=5, heads=4, T=5, patch=4, img_size=28, epochs=50, bs=128, stem="patch"),
+    "digits": dict(dim=64, depth=2, heads=4, T=3, patch=2, img_size=8, epochs=40, bs=64, stem="patch"),
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DFM CNN classification from scratch", add_help=True)
+    # data
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "mnist", "tinyimagenet", "digits"],
+                   help="dataset; digits is scikit-learn's offline handwritten digits")
+    p.add_argument("--data", default="data", help="dataset root folder (downloaded there when online)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the setup's)")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers (0 for digits)")
+    # method
+    p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the backprop baseline")
+    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
+                   help="schedule: every batch trains all heads, or Algorithm 1 (a full pass per head)")
+    p.add_argument("--T", type=int, default=None, help="number of flow heads (bp: stacked blocks); default: setup")
+    p.add_argument("--head", default="token", choices=["token", "mlp"],
+                   help="token head over the unpooled sequence, or residual MLP on mean-pooled tokens")
+    p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
+    p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the anchor cross-entropy (paper: 1)")
+    p.add_argument("--mse", default="mean", choices=["mean", "sum"],
+                   help="flow MSE averaged over latent dims (A.1.1 'MSE') or summed (||.||^2 of Alg. 1)")
+    p.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
+    # model size (default: the dataset's setup)
+    p.add_argument("--dim", type=int, default=None, help="ViT width = latent dimension d")
+    p.add_argument("--depth", type=int, default=None, help="ViT depth")
+    p.add_argument("--heads", type=int, default=None, help="attention heads")
+    p.add_argument("--patch", type=int, default=None, help="patch size")
+    p.add_argument("--stem", default=None, choices=["patch", "conv"], help="linear patch projection or conv stem")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden width of --head mlp")
+    p.add_argument("--head-blocks", type=int, default=2, help="residual blocks of --head mlp")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the heads")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: setup; bp 60)")
+    p.add_argument("--bs", type=int, default=None, help="batch size (default: setup; bp 128)")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay (bp default 0.01)")
+    p.add_argument("--warmup", type=int, default=5, help="linear warmup epochs before cosine (bp default 0)")
+    p.add_argument("--ema", type=float, default=0.0, help="weight EMA decay, 0 to disable (paper: none for ViT)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    # run
+    p.add_argument("--seed", type=int, default=0, help="random seed (also seeds evaluation noise)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
+    return p
+
+
+def apply_method_defaults(args, argv):
+    """Fill the dataset's setup, then bp's own D.2 defaults; a flag given on the command line wins."""
+    for key, value in SETUPS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.method == "bp":
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        for key, value in BP_DEFAULTS.items():
+            if key not in given:
+                setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def build_data(args):
+    size = args.img_size
+    if args.dataset == "digits":  # tensors [1, 8, 8]; a small random shift as augmentation
+        train_tf = v2.Compose([v2.Resize(size, antialias=True), v2.RandomAffine(0, translate=(0.1, 0.1)),
+                               v2.Normalize([0.5], [0.5])])
+        test_tf = v2.Compose([v2.Resize(size, antialias=True), v2.Normalize([0.5], [0.5])])
+    else:
+        gray = args.dataset == "mnist"
+        mean, std = ([0.5], [0.5]) if gray else ([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261])
+        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        aug = {"mnist": [],
+               "cifar10": [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()],
+               "cifar100": [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(),
+                            v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)],
+               "tinyimagenet": [v2.RandomRotation(20), v2.RandomCrop(size, padding=8), v2.RandomHorizontalFlip(),
+                                v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)]}[args.dataset]
+        erase = [v2.RandomErasing(0.25)] if args.dataset in ("cifar100", "tinyimagenet") else []
+        train_tf = v2.Compose([v2.Resize(size, antialias=True)] + aug + to_tensor + erase)
+        test_tf = v2.Compose([v2.Resize(size, antialias=True)] + to_tensor)
+    train, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf)
+    in_ch = 1 if args.dataset in ("digits", "mnist") else 3
+    return core.WithIndex(train), core.WithIndex(test), num_classes, in_ch
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+class ViTBackbone(nn.Module):
+    """timm VisionTransformer without class token or pooling. Returns the token sequence after every
+    block, [B, N, D] each (the last one layer-normed): heads read the last, analyses all of them."""
+
+    def __init__(self, img_size, patch, in_ch, dim, depth, heads, stem="patch"):
+        super().__init__()
+        self.vit = timm.models.vision_transformer.VisionTransformer(
+            img_size=img_size, patch_size=patch, in_chans=in_ch, num_classes=0, embed_dim=dim, depth=depth,
+            num_heads=heads, class_token=False, global_pool="")
+        if stem == "conv":  # TinyImageNet: stride-`patch` conv stem instead of one linear patch projection
+            layers, c, stride = [], in_ch, 1
+            while stride < patch:
+                layers += [nn.Conv2d(c, dim // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dim // 2), nn.ReLU(inplace=True)]
+                c, stride = dim // 2, stride * 2
+            self.vit.patch_embed.proj = nn.Sequential(*layers, nn.Conv2d(c, dim, 1))
+        self.channels = [dim] * depth
+
+    def forward(self, x):
+        vit = self.vit
+        h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        feats = []
+        for block in vit.blocks:
+            h = block(h)
+            feats.append(h)
+        feats[-1] = vit.norm(h)
+        return feats
+
+
+class BPClassifier(nn.Module):
+    """The bp baseline: backbone, T stacked transformer blocks (one head's size each), mean pooling
+    and a linear classifier, trained end to end."""
+
+    def __init__(self, backbone, num_classes, dim, heads, T):
+        super().__init__()
+        self.backbone = backbone
+        self.layers = nn.Sequential(*[timm.models.vision_transformer.Block(dim, heads, qkv_bias=True)
+                                      for _ in range(T)])
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, x):
+        return self.head(self.layers(self.backbone(x)[-1]).mean(1))
+
+
+class PooledMLPHead(core.MLPFlowHead):
+    """--head mlp: the residual-MLP head on mean-pooled tokens."""
+
+    def forward(self, z, tokens, t):
+        return super().forward(z, tokens.mean(1), t)
+
+
+def build_model(args, num_classes, in_ch):
+    """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
+    backbone = ViTBackbone(args.img_size, args.patch, in_ch, args.dim, args.depth, args.heads, args.stem)
+    if args.method == "bp":
+        return BPClassifier(backbone, num_classes, args.dim, args.heads, args.T)
+    if args.head == "token":
+        heads = [core.TokenFlowHead(args.dim, args.dim, args.heads, dropout=args.dropout) for _ in range(args.T)]
+    else:
+        heads = [PooledMLPHead(args.dim, args.dim, args.hidden, args.head_blocks, args.dropout) for _ in range(args.T)]
+    return core.FlowClassifier(backbone, heads, num_classes, args.dim, None, args.dim, guard=not args.no_guard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train_step(model, x, y, heads, args, device):
+    """One optimiser-free step: forward + block-wise (fm) or joint (bp) backward. Returns losses."""
+    with core.autocast(device, args.amp):
+        if args.method == "bp":
+            loss = F.cross_entropy(model(x).float(), y)
+            if not torch.isfinite(loss):
+                raise core.NonFiniteLoss("bp", loss.item())
+            loss.backward()
+            return {"loss": loss.item()}
+        feats = model.backbone(x)
+        losses = core.blockwise_backward(feats, heads, lambda k, f: model.head_loss(
+            k, f, y, args.lam, args.time_split, args.sigma_min, args.mse))
+        probe = model.probe_loss(feats, y)
+    probe.backward()
+    return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(), **{f"loss_h{k}": v for k, v in losses.items()}}
+
+
+def evaluate(model, loader, args, device):
+    if args.method == "bp":
+        return core.evaluate_logits(model, loader, device, args.amp)
+    return core.evaluate_flow(model, loader, device, args.seed, args.amp)
+
+
+def main(args):
+    device = core.get_device(args.device)
+    core.seed_everything(args.seed)
+    try:
+        train_set, test_set, num_classes, in_ch = build_data(args)
+    except core.DataError as e:
+        sys.exit(f"error: {e}")
+    loader_kw = dict(num_workers=0 if args.dataset == "digits" else args.workers, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_set, args.bs, shuffle=True, drop_last=len(train_set) > args.bs,
+                                               **loader_kw)
+    test_loader = torch.utils.data.DataLoader(test_set, 512, shuffle=False, **loader_kw)
+
+    model = build_model(args, num_classes, in_ch).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1  # Algorithm 1: T passes per epoch
+    steps_per_epoch = passes * (min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader))
+    scheduler = core.warmup_cosine(optimizer, args.warmup * steps_per_epoch, args.epochs * steps_per_epoch)
+    ema = core.make_ema(model, args.ema) if args.ema > 0 else None
+
+    log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    start_epoch = 0
+    if args.resume:
+        try:
+            state = core.load_checkpoint(args.out)
+        except core.CheckpointError as e:
+            sys.exit(f"error: {e}")
+        if state.get("script") != os.path.basename(__file__):
+            sys.exit(f"error: {args.out} was written by {state.get('script')}, not {os.path.basename(__file__)}")
+        arch = ("method", "head", "T", "dim", "depth", "heads", "patch", "stem", "hidden", "head_blocks", "dataset",
+                "img_size", "no_guard")
+        diff = [k for k in arch if state["args"].get(k) != getattr(args, k)]
+        if diff:
+            sys.exit(f"error: {args.out} was trained with different {', '.join(diff)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        core.set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        core.truncate_log(log_path, start_epoch)
+    elif os.path.exists(args.out):
+        sys.exit(f"error: {args.out} exists; pass --resume to continue it or choose another --out")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        open(log_path, "w").close()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.method} on {args.dataset}: ViT[{args.dim} {args.depth} {args.heads}] T={args.T} mode={args.mode} "
+          f"params={n_params / 1e6:.2f}M device={device} batch={args.bs}")
+    peak = None
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        t0, sums, count = time.time(), {}, 0
+        blocks = [[k] for k in range(args.T)] if passes > 1 else [list(range(args.T))]
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
+        for heads in blocks:
+            for step, (x, y, _) in enumerate(train_loader):
+                if args.max_steps and step >= args.max_steps:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    if peak is None:  # memory of one training step, measured once per run on a copy
+                        peak = core.measure_step_memory(lambda m: train_step(m, x, y, heads, args, device),
+                                                        model, device)
+                    losses = train_step(model, x, y, heads, args, device)
+                except core.NonFiniteLoss as e:
+                    sys.exit(f"error: {e} at epoch {epoch + 1} step {step}; the last good checkpoint "
+                             f"{args.out} is untouched")
+                core.clip_and_step(optimizer, model.parameters(), args.clip)
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+                bar.update()
+                bar.set_postfix(loss=f"{losses['loss']:.3f}")
+        bar.close()
+        metrics = evaluate(ema.module if ema is not None else model, test_loader, args, device)
+        record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, **metrics,
+                  "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak}
+        main_metric = "acc" if args.method == "bp" else "acc_ensemble"
+        print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} {main_metric} {metrics[main_metric]:.4f}"
+              + ("" if args.method == "bp" else f" single {metrics['acc_single']:.4f} multistep "
+                 f"{metrics['acc_multistep']:.4f} probe {metrics['acc_probe']:.4f}") + f" ({record['time']:.1f}s)")
+        with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
+            f.write(json.dumps(record) + "\n")
+        core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                              "rng": core.rng_state(), "epoch": epoch, "script": os.path.basename(__file__),
+                              "args": vars(args), "num_classes": num_classes, "in_ch": in_ch}, args.out)
+    return record if start_epoch < args.epochs else None
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    main(apply_method_defaults(get_args_parser().parse_args(argv), argv))
