@@ -399,3 +399,161 @@ def test_mnist_files_under_data_are_read_through_torchvision_offline(tmp_path, m
     assert 0 <= record["acc_ensemble"] <= 1
     train, test, classes = core.classification_data("mnist", str(tmp_path), download=False)
     assert (len(train), len(test), classes) == (len(ytr), len(yte), 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# detection: VOC evaluation with hand-computed answers
+# ------------------------------------------------------------------------------------------------
+import train_det_voc as det  # noqa: E402
+
+
+def gt(boxes, labels, difficult=None):
+    n = len(labels)
+    return {"boxes": np.array(boxes, float).reshape(-1, 4), "labels": np.array(labels, int),
+            "difficult": np.array(difficult if difficult is not None else [False] * n, bool)}
+
+
+def dt(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels)}
+
+
+def test_voc_eval_duplicate_detection_is_a_false_positive_11_point_vs_area():
+    # two gts; d1 hits gt1, d2 is a duplicate on gt1 (FP), d3 hits gt2:
+    # rec = [.5, .5, 1], prec = [1, .5, 2/3]
+    gts = [gt([[0, 0, 9, 9], [20, 20, 29, 29]], [0, 0])]
+    dets = [dt([[0, 0, 9, 9], [0, 0, 9, 9], [20, 20, 29, 29]], [0.9, 0.8, 0.7], [0, 0, 0])]
+    r07 = det.voc_eval(dets, gts, 1)
+    assert r07["ap"][0] == pytest.approx((6 * 1 + 5 * (2 / 3)) / 11)  # 0.8485
+    area = det.voc_eval(dets, gts, 1, use_07_metric=False)
+    assert area["ap"][0] == pytest.approx(0.5 * 1 + 0.5 * (2 / 3))  # 0.8333
+
+
+def test_voc_eval_difficult_boxes_are_neither_tp_nor_fp_nor_positives():
+    gts = [gt([[0, 0, 9, 9], [40, 40, 49, 49]], [0, 0], [True, False])]
+    dets = [dt([[0, 0, 9, 9], [40, 40, 49, 49]], [0.9, 0.8], [0, 0])]
+    assert det.voc_eval(dets, gts, 1)["ap"][0] == pytest.approx(1.0)  # d1 ignored, d2 TP, npos = 1
+    only_difficult = [gt([[0, 0, 9, 9]], [1], [True]), gt([[0, 0, 9, 9]], [0])]
+    r = det.voc_eval([dt([[0, 0, 9, 9]], [0.9], [1]), dt([[0, 0, 9, 9]], [0.9], [0])], only_difficult, 2)
+    assert np.isnan(r["ap"][1]) and r["map"] == pytest.approx(1.0)  # class 1 has no positives: not averaged
+
+
+def test_voc_eval_images_without_gt_and_classes_without_detections():
+    gts = [gt([[0, 0, 9, 9]], [0]), gt([], []), gt([[0, 0, 9, 9]], [1])]
+    # a confident detection on the empty image is an FP ranked first: rec [0, 1], prec [0, .5]
+    dets = [dt([[0, 0, 9, 9]], [0.5], [0]), dt([[0, 0, 9, 9]], [0.9], [0]), dt([], [], [])]
+    r = det.voc_eval(dets, gts, 2)
+    assert r["ap"][0] == pytest.approx(0.5)  # 11-point: max prec at rec >= t is .5 for every t
+    assert r["ap"][1] == 0.0  # class 1 has a positive and no detection
+    assert r["map"] == pytest.approx(0.25)
+    assert det.voc_eval([dt([], [], [])] * 3, gts, 2)["map"] == 0.0
+
+
+def test_voc_eval_uses_the_plus_one_pixel_iou():
+    # gt [0,0,1,1] vs det [0,0,1,2]: +1 convention IoU = 4/6 = .67 (TP); continuous IoU = 1/2 (not > .5)
+    r = det.voc_eval([dt([[0, 0, 1, 2]], [0.9], [0])], [gt([[0, 0, 1, 1]], [0])], 1)
+    assert r["ap"][0] == pytest.approx(1.0)
+    r = det.voc_eval([dt([[0, 0, 1, 3]], [0.9], [0])], [gt([[0, 0, 1, 1]], [0])], 1)  # 4/8 = .5: FP
+    assert r["ap"][0] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# detection: targets, matching, boxes, end to end on minivoc
+# ------------------------------------------------------------------------------------------------
+def test_slot_targets_keep_the_first_M_objects_and_fill_background():
+    targets = [{"labels": torch.arange(5) % 3, "boxes_norm": torch.rand(5, 4)},
+               {"labels": torch.tensor([2]), "boxes_norm": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    classes, boxes, overflow = det.slot_targets(targets, 3, num_classes=3, device="cpu")
+    assert overflow == 1
+    assert classes.tolist() == [[0, 1, 2], [2, 3, 3]]
+    torch.testing.assert_close(boxes[0], targets[0]["boxes_norm"][:3])
+    assert boxes[1, 1:].abs().sum() == 0
+
+
+def test_ot_coupling_puts_each_object_in_its_nearest_slot():
+    z0 = torch.tensor([[[10.0, 0], [0, 10], [0, 0]]])
+    z1 = torch.tensor([[[0.0, 9], [9, 0], [1, 1]]])  # object a near slot 1, object b near slot 0, background
+    classes = torch.tensor([[0, 1, 2]])  # class 2 = background
+    z1_out, cls_out = det.ot_coupling(z0, z1, classes, num_classes=2)
+    assert cls_out.tolist() == [[1, 0, 2]]
+    torch.testing.assert_close(z1_out[0], z1[0, [1, 0, 2]])
+
+
+def test_hungarian_match_finds_the_permutation():
+    gt_boxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]])
+    boxes = torch.stack([gt_boxes[1], torch.tensor([0.5, 0.5, 0.9, 0.9]), gt_boxes[0]])[None]
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 1], logits[0, 2, 0] = 5, 5
+    (rows, cols), = det.hungarian_match(logits, boxes, [{"labels": torch.tensor([0, 1]), "boxes_norm": gt_boxes}])
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 2: 0}
+    loss = det.detection_loss(logits, boxes, [{"labels": torch.tensor([0, 1]), "boxes_norm": gt_boxes}], 3)
+    assert loss < 0.2  # perfect boxes and confident right classes: only CE of the no-object slot
+
+
+def test_postprocess_scales_boxes_to_original_pixels_and_applies_nms():
+    logits = torch.full((1, 3, 3), -10.0)
+    logits[0, 0, 1] = logits[0, 1, 1] = 10  # two slots, same class, same box -> NMS keeps one
+    logits[0, 2, 2] = 10  # no-object slot: dropped
+    boxes = torch.tensor([[[0.5, 0.25, 0.5, 0.5], [0.5, 0.25, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]]])
+    out, = det.postprocess(logits, boxes, [torch.tensor([100, 200])])  # H = 100, W = 200
+    assert out["labels"].tolist() == [1]
+    torch.testing.assert_close(out["boxes"], torch.tensor([[51.0, 1.0, 150.0, 50.0]]))  # 1-based VOC pixels
+
+
+def test_minivoc_is_real_voc_format_and_flip_moves_boxes(tmp_path):
+    base = det.write_minivoc(str(tmp_path), n_train=6, n_test=3)
+    assert sorted(os.listdir(base)) == ["Annotations", "ImageSets", "JPEGImages"]
+    import torchvision
+    voc = torchvision.datasets.VOCDetection(str(tmp_path), year="2007", image_set="trainval")
+    assert len(voc) == 6 and voc[0][1]["annotation"]["object"][0]["name"] in det.DIGIT_CLASSES
+    from torchvision.transforms import v2
+    data = det.VOCData(str(tmp_path), "trainval", det.DIGIT_CLASSES, v2.Compose([v2.RandomHorizontalFlip(1.0)]))
+    image, target, _ = data[0]
+    h, w = target["size"].tolist()
+    raw = target["boxes"][0]  # 1-based inclusive xyxy
+    cx = target["boxes_norm"][0, 0] * w
+    assert cx == pytest.approx(w - ((raw[0] - 1) + raw[2]) / 2, abs=1e-3)
+
+
+def test_malformed_annotation_is_named(tmp_path):
+    base = det.write_minivoc(str(tmp_path), n_train=3, n_test=2)
+    path = os.path.join(base, "Annotations", "000001.xml")
+    text = open(path).read()
+    data = det.VOCData(str(tmp_path), "trainval", det.DIGIT_CLASSES, lambda i, b: (i, b))
+    open(path, "w").write(text[: len(text) // 2])
+    with pytest.raises(core.DataError, match="000001.xml"):
+        data[1]
+    import re
+    open(path, "w").write(re.sub(r"<xmax>\d+</xmax>", "<xmax>0</xmax>", text))
+    with pytest.raises(core.DataError, match="xmax <= xmin"):
+        data[1]
+
+
+SMALL_DET = ["--dataset", "minivoc", "--backbone", "resnet18", "--no-pretrained", "--img-size", "64", "--bs", "4",
+             "--dim", "32", "--ffn", "64", "--slots", "8", "--T", "2", "--epochs", "1", "--max-steps", "2",
+             "--eval-limit", "8", "--workers", "0"]
+
+
+@pytest.mark.parametrize("extra", [["--mode", "parallel", "--coupling", "ot"], ["--method", "bp", "--mode", "parallel"]])
+def test_detection_end_to_end_on_minivoc(tmp_path, extra):
+    data = str(tmp_path / "data")
+    det.write_minivoc(data, n_train=12, n_test=8)
+    argv = SMALL_DET + extra + ["--data", data, "--out", str(tmp_path / "d.pt")]
+    record = det.main(parse(det, argv))
+    assert 0 <= record["map50"] <= 1 and 0 <= record["map50_area"] <= 1 and record["peak_step_bytes"] > 0
+    state = core.load_checkpoint(str(tmp_path / "d.pt"))
+    assert state["script"] == "train_det_voc.py"
+
+
+def test_detection_offline_without_weights_is_one_line(tmp_path, monkeypatch):
+    import torchvision.models._api as api
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(api.WeightsEnum, "get_state_dict", offline)
+    data = str(tmp_path / "data")
+    det.write_minivoc(data, n_train=4, n_test=2)
+    argv = [a for a in SMALL_DET if a != "--no-pretrained"] + ["--data", data, "--out", str(tmp_path / "d.pt")]
+    message = exit_message(det, argv)
+    assert "--weights" in message and "--no-pretrained" in message

@@ -1,0 +1,730 @@
+"""DFM object detection on PASCAL VOC 2007 (paper Sections 3.1.1, 5.1, A.1.2, A.3.3-A.3.4, D.1).
+
+Setup (paper defaults): torchvision ResNet-50 with ImageNet weights, features projected to d = 128
+by a 1x1 conv, flattened with a 2-D sine positional encoding into an image memory. M = 20 query
+slots; the target of slot j is z1_j = W_class[c_j] + W_box b_j (b_j normalised cx, cy, w, h; empty
+slots get the background class C and a zero box). T flow blocks, each a transformer decoder layer
+(self-attention over slots, cross-attention to the memory, FFN, LayerNorm only, 4 heads) conditioned
+on time, predict the velocity of all M slots. Shared linear class head (C + 1 logits) and box head
+(sigmoid cxcywh) decode any latent. Loss of block k: Hungarian matching on the decoded
+z1_hat = z_t + (1 - t) v (costs: class 1, L1 5, GIoU 2), CE with no-object weight 0.1, L1 x 5,
+GIoU x 2, plus 0.1 x flow MSE. 256x256 input, 50 epochs, batch 16, AdamW wd 1e-4, lr 1e-4 (blocks)
+and 1e-5 (backbone), both x0.1 at epoch 20, clipping 1.0. Inference: Euler over T steps, decode,
+drop no-object, scores >= 0.05, per-class NMS, boxes in original pixels; mAP@0.5 with the VOC07
+11-point devkit rules (`voc_eval`).
+
+--method bp: the paper's baseline: the same backbone and a 4-layer DETR-style decoder (learned
+queries) of the same width, trained end to end with the same matching loss.
+
+Slot coupling (--coupling): with random z0 the object-to-slot assignment is arbitrary. 'index' keeps
+annotation order; 'ot' assigns objects to the slots whose noise is closest (min-cost matching of z0
+to the object embeddings), so each slot's straight path is short.
+
+Images with more than M objects: the first M in annotation order are kept as targets (a message
+counts them once per run); evaluation always uses every ground-truth box.
+
+Offline quickstart (minivoc: real scikit-learn digits pasted onto cluttered canvases, written in the
+real VOC on-disk format under --data and read by the same loader as VOC 2007):
+    python train_det_voc.py --dataset minivoc --backbone resnet18 --no-pretrained --out runs/det.pt
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+from torchvision import tv_tensors
+from torchvision.ops import batched_nms, box_convert, generalized_box_iou
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import core
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+BP_DEFAULTS = {}  # the paper trains bp with the same D.1 settings
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DFM object detection on PASCAL VOC", add_help=True)
+    # data
+    p.add_argument("--dataset", default="voc2007", choices=["voc2007", "minivoc"],
+                   help="VOC 2007 (trainval / test), or the offline digits-on-canvas set in VOC format")
+    p.add_argument("--data", default="data", help="root holding VOCdevkit/ (downloaded / written there)")
+    p.add_argument("--img-size", type=int, default=None, help="square input size (paper 256; minivoc 128)")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers")
+    # method
+    p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the DETR-style baseline")
+    p.add_argument("--mode", default="sequential", choices=["parallel", "sequential"],
+                   help="schedule: Algorithm 1 (a full pass per block) or every batch trains all blocks")
+    p.add_argument("--T", type=int, default=4, help="flow blocks (bp: decoder layers)")
+    p.add_argument("--coupling", default="index", choices=["index", "ot"], help="object-to-slot assignment")
+    p.add_argument("--time-split", action="store_true", help="block k trains on t in [k/T, (k+1)/T) only")
+    p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
+    p.add_argument("--flow-weight", type=float, default=0.1, help="weight of the flow MSE (paper 0.1)")
+    p.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
+    # model
+    p.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50"], help="ResNet")
+    p.add_argument("--weights", default=None, help="local torchvision state dict of the backbone (offline)")
+    p.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
+    p.add_argument("--dim", type=int, default=128, help="d: memory and slot width")
+    p.add_argument("--slots", type=int, default=20, help="M query slots")
+    p.add_argument("--nheads", type=int, default=4, help="attention heads")
+    p.add_argument("--ffn", type=int, default=512, help="FFN width of each block")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 30)")
+    p.add_argument("--bs", type=int, default=16, help="batch size")
+    p.add_argument("--lr", type=float, default=1e-4, help="lr of the blocks, heads and embeddings")
+    p.add_argument("--lr-backbone", type=float, default=1e-5, help="lr of the pretrained backbone")
+    p.add_argument("--lr-drop", type=int, default=20, help="epoch at which both lrs are multiplied by 0.1")
+    p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    # inference
+    p.add_argument("--score-thresh", type=float, default=0.05, help="keep detections with score >= this")
+    p.add_argument("--nms", type=float, default=0.5, help="per-class NMS IoU threshold")
+    # run
+    p.add_argument("--seed", type=int, default=0, help="random seed (also seeds evaluation noise)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each pass after this many steps (smoke tests)")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test images only")
+    return p
+
+
+def apply_method_defaults(args, argv):
+    """Dataset defaults for flags left at None (minivoc: 128 px, 30 epochs, backbone lr = block lr)."""
+    minivoc = args.dataset == "minivoc"
+    if args.img_size is None:
+        args.img_size = 128 if minivoc else 256
+    if args.epochs is None:
+        args.epochs = 30 if minivoc else 50
+    given = {a.split("=")[0] for a in argv}
+    if minivoc and "--lr-backbone" not in given:  # minivoc trains its backbone from scratch
+        args.lr_backbone = args.lr
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: PASCAL VOC mAP, devkit rules
+# ----------------------------------------------------------------------------------------------
+def _np(x):
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def voc_ap(rec, prec, use_07_metric=True):
+    """VOC07 11-point AP, or the area under the monotone precision envelope."""
+    if use_07_metric:
+        return float(np.mean([prec[rec >= t].max() if (rec >= t).any() else 0.0 for t in np.arange(0, 1.1, 0.1)]))
+    mrec = np.concatenate([[0.0], rec, [1.0]])
+    mpre = np.concatenate([[0.0], prec, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    changes = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
+
+
+def voc_eval(dets, gts, num_classes, iou_thresh=0.5, use_07_metric=True):
+    """PASCAL VOC detection AP per class with the devkit's rules.
+
+    dets[i]: dict(boxes [N, 4] xyxy original pixels, scores [N], labels [N] in 0..C-1);
+    gts[i]: dict(boxes [G, 4], labels [G], difficult [G] bool); numpy arrays or tensors.
+    Per class, detections of all images in descending score order; each matches the highest-IoU
+    ground truth of its image (IoU with the devkit's +1 pixel convention). IoU > thresh: a difficult
+    box makes it neither TP nor FP, an unmatched one a TP, an already matched one an FP; otherwise FP.
+    Returns {"map": mean AP over classes with >= 1 non-difficult ground truth, "ap": [per class,
+    nan for classes without positives]}.
+    """
+    aps = []
+    for c in range(num_classes):
+        gt_boxes, gt_diff, used, npos = [], [], [], 0
+        for g in gts:
+            keep = _np(g["labels"]) == c
+            boxes = _np(g["boxes"]).reshape(-1, 4)[keep].astype(np.float64)
+            diff = _np(g["difficult"]).astype(bool)[keep]
+            gt_boxes.append(boxes)
+            gt_diff.append(diff)
+            used.append(np.zeros(len(boxes), bool))
+            npos += int((~diff).sum())
+        image_ids, scores, boxes = [], [], []
+        for i, d in enumerate(dets):
+            keep = _np(d["labels"]) == c
+            image_ids += [i] * int(keep.sum())
+            scores.append(_np(d["scores"]).reshape(-1)[keep])
+            boxes.append(_np(d["boxes"]).reshape(-1, 4)[keep])
+        if npos == 0:
+            aps.append(float("nan"))
+            continue
+        scores = np.concatenate(scores) if scores else np.zeros(0)
+        boxes = np.concatenate(boxes).astype(np.float64) if boxes else np.zeros((0, 4))
+        order = np.argsort(-scores, kind="stable")
+        tp, fp = np.zeros(len(order)), np.zeros(len(order))
+        for rank, j in enumerate(order):
+            i, bb = image_ids[j], boxes[j]
+            gt = gt_boxes[i]
+            if len(gt) == 0:
+                fp[rank] = 1
+                continue
+            iw = np.maximum(np.minimum(gt[:, 2], bb[2]) - np.maximum(gt[:, 0], bb[0]) + 1.0, 0.0)
+            ih = np.maximum(np.minimum(gt[:, 3], bb[3]) - np.maximum(gt[:, 1], bb[1]) + 1.0, 0.0)
+            inter = iw * ih
+            union = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
+                     + (gt[:, 2] - gt[:, 0] + 1.0) * (gt[:, 3] - gt[:, 1] + 1.0) - inter)
+            overlaps = inter / union
+            best = int(np.argmax(overlaps))
+            if overlaps[best] > iou_thresh:
+                if gt_diff[i][best]:
+                    continue  # matched a difficult box: neither TP nor FP
+                if not used[i][best]:
+                    tp[rank], used[i][best] = 1, True
+                else:
+                    fp[rank] = 1
+            else:
+                fp[rank] = 1
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        rec = tp / npos
+        prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        aps.append(voc_ap(rec, prec, use_07_metric))
+    valid = [a for a in aps if not np.isnan(a)]
+    return {"map": float(np.mean(valid)) if valid else 0.0, "ap": aps}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def write_minivoc(root, n_train=480, n_test=120, seed=0):
+    """Write minivoc once under root/VOCdevkit/VOC2007 in the real VOC layout: JPEGImages/*.jpg,
+    Annotations/*.xml (VOC schema: size, object/name/difficult/truncated/bndbox with 1-based pixel
+    coordinates) and ImageSets/Main/{trainval,test}.txt. Each canvas (64-160 px per side, grey
+    noise and random strokes as clutter) holds 1-6 real scikit-learn digits pasted at 12-48 px;
+    digits under 16 px are marked difficult, digits cut by the border are truncated (box clipped).
+    The digit images of the test split come from the held-out 20% of the digits data."""
+    base = os.path.join(root, "VOCdevkit", "VOC2007")
+    if os.path.isfile(os.path.join(base, "ImageSets", "Main", "test.txt")):
+        return base
+    for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = core.digits_split()
+    for split, (images, labels), count, offset in (("trainval", splits[0], n_train, 0), ("test", splits[1], n_test, n_train)):
+        ids = []
+        for n in range(count):
+            name = f"{offset + n:06d}"
+            w, h = (int(v) for v in rng.integers(64, 161, size=2))
+            canvas = rng.normal(40, 20, (h, w)).clip(0, 255)
+            for _ in range(int(rng.integers(2, 6))):  # clutter strokes
+                x0, y0 = rng.integers(0, w), rng.integers(0, h)
+                length, horizontal = int(rng.integers(5, 30)), rng.random() < 0.5
+                if horizontal:
+                    canvas[y0, x0:x0 + length] = rng.integers(100, 200)
+                else:
+                    canvas[y0:y0 + length, x0] = rng.integers(100, 200)
+            objects = []
+            for _ in range(int(rng.integers(1, 7))):
+                j = int(rng.integers(len(labels)))
+                size = int(rng.integers(12, 49))
+                digit = np.asarray(Image.fromarray((images[j, 0].numpy() * 255).astype(np.uint8)).resize(
+                    (size, size), Image.BILINEAR), dtype=np.float64)
+                x0 = int(rng.integers(-size // 3, w - 2 * size // 3))
+                y0 = int(rng.integers(-size // 3, h - 2 * size // 3))
+                xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + size, w), min(y0 + size, h)
+                if xb - xa < 4 or yb - ya < 4:
+                    continue
+                patch = digit[ya - y0:yb - y0, xa - x0:xb - x0]
+                canvas[ya:yb, xa:xb] = np.maximum(canvas[ya:yb, xa:xb], patch)
+                truncated = int((xa, ya, xb, yb) != (x0, y0, x0 + size, y0 + size))
+                objects.append((DIGIT_CLASSES[int(labels[j])], int(size < 16), truncated, xa + 1, ya + 1, xb, yb))
+            Image.fromarray(canvas.astype(np.uint8)).convert("RGB").save(os.path.join(base, "JPEGImages", name + ".jpg"),
+                                                                         quality=95)
+            ann = ET.Element("annotation")
+            ET.SubElement(ann, "folder").text = "VOC2007"
+            ET.SubElement(ann, "filename").text = name + ".jpg"
+            size_el = ET.SubElement(ann, "size")
+            for tag, value in (("width", w), ("height", h), ("depth", 3)):
+                ET.SubElement(size_el, tag).text = str(value)
+            for cls, difficult, truncated, *box in objects:
+                obj = ET.SubElement(ann, "object")
+                ET.SubElement(obj, "name").text = cls
+                ET.SubElement(obj, "pose").text = "Unspecified"
+                ET.SubElement(obj, "truncated").text = str(truncated)
+                ET.SubElement(obj, "difficult").text = str(difficult)
+                bnd = ET.SubElement(obj, "bndbox")
+                for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
+                    ET.SubElement(bnd, tag).text = str(value)
+            ET.ElementTree(ann).write(os.path.join(base, "Annotations", name + ".xml"))
+            ids.append(name)
+        with open(os.path.join(base, "ImageSets", "Main", split + ".txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    return base
+
+
+class VOCData(torch.utils.data.Dataset):
+    """torchvision VOCDetection (year 2007) as (image tensor, target, index) with
+    target = dict(boxes [G, 4] xyxy in original 1-based VOC pixels, labels [G], difficult [G], size (H, W)).
+    A malformed annotation (unparsable XML, unknown class, xmax <= xmin) raises core.DataError naming the file."""
+
+    def __init__(self, root, image_set, classes, transform, download=False):
+        where = f"{os.path.abspath(root)}/VOCdevkit/VOC2007"
+        try:
+            self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set)
+        except RuntimeError:
+            if not download:
+                raise core.DataError(f"VOC2007 {image_set} not found under {where}") from None
+            try:
+                self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set, download=True)
+            except Exception as e:
+                raise core.DataError(f"VOC2007 {image_set} not found under {where} and the download failed "
+                                     f"({type(e).__name__}); extract VOCtrainval_06-Nov-2007.tar and "
+                                     f"VOCtest_06-Nov-2007.tar under {os.path.abspath(root)}") from None
+        self.classes, self.transform = classes, transform
+
+    def __len__(self):
+        return len(self.voc)
+
+    def annotation(self, i):
+        path = self.voc.annotations[i]
+        try:
+            objects = self.voc.parse_voc_xml(ET.parse(path).getroot())["annotation"].get("object", [])
+            boxes, labels, difficult = [], [], []
+            for obj in objects if isinstance(objects, list) else [objects]:
+                b = obj["bndbox"]
+                box = [float(b[k]) for k in ("xmin", "ymin", "xmax", "ymax")]
+                if box[2] <= box[0] or box[3] <= box[1]:
+                    raise ValueError(f"box {box} has xmax <= xmin or ymax <= ymin")
+                if obj["name"] not in self.classes:
+                    raise ValueError(f"unknown class {obj['name']!r}")
+                boxes.append(box)
+                labels.append(self.classes.index(obj["name"]))
+                difficult.append(int(obj.get("difficult", 0)) == 1)
+        except (ET.ParseError, KeyError, ValueError, TypeError) as e:
+            raise core.DataError(f"malformed annotation {path}: {e}") from None
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
+                "difficult": torch.tensor(difficult, dtype=torch.bool)}
+
+    def __getitem__(self, i):
+        target = self.annotation(i)
+        try:
+            with Image.open(self.voc.images[i]) as im:
+                image = v2.functional.pil_to_tensor(im.convert("RGB"))
+        except OSError as e:  # missing, truncated or not an image
+            raise core.DataError(f"unreadable image {self.voc.images[i]}: {str(e).splitlines()[0]}") from None
+        h, w = image.shape[-2:]
+        target["size"] = torch.tensor([h, w])
+        # VOC boxes are 1-based inclusive pixels; the model works on 0-based continuous coordinates
+        boxes = tv_tensors.BoundingBoxes(target["boxes"] - torch.tensor([1.0, 1.0, 0.0, 0.0]), format="XYXY",
+                                         canvas_size=(h, w))
+        image, boxes = self.transform(tv_tensors.Image(image), boxes)
+        target["boxes_norm"] = box_convert(boxes.as_subclass(torch.Tensor), "xyxy", "cxcywh") / image.shape[-1]
+        return image, target, i
+
+
+def build_data(args):
+    classes = DIGIT_CLASSES if args.dataset == "minivoc" else VOC_CLASSES
+    if args.dataset == "minivoc":
+        write_minivoc(args.data)
+    norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    size = (args.img_size, args.img_size)
+    train_tf = v2.Compose([v2.RandomHorizontalFlip(), v2.Resize(size, antialias=True)] + norm)
+    test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
+    download = args.dataset == "voc2007"
+    return VOCData(args.data, "trainval", classes, train_tf, download), VOCData(args.data, "test", classes, test_tf,
+                                                                               download), classes
+
+
+def collate(batch):
+    images, targets, index = zip(*batch)
+    return torch.stack(images), list(targets), torch.tensor(index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+class WeightsError(RuntimeError):
+    """Backbone weights that cannot be had (offline) or do not fit; one-line message."""
+
+
+def build_resnet(name, weights_file=None, pretrained=True):
+    """torchvision ResNet trunk (up to layer4) with ImageNet weights from torchvision's download, a
+    local state dict (--weights), or random init."""
+    net = getattr(torchvision.models, name)(weights=None)
+    if weights_file:
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightsError(f"cannot read weights file {weights_file} ({type(e).__name__})") from None
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+        if missing or unexpected or shapes:
+            raise WeightsError(f"{weights_file} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                               f"wrong shape {shapes[:3]}")
+        net.load_state_dict(state, strict=False)
+    elif pretrained:
+        enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:
+            net.load_state_dict(enum.get_state_dict(progress=False))
+        except Exception as e:
+            raise WeightsError(f"cannot get ImageNet weights for {name} ({type(e).__name__}: offline?); pass "
+                               f"--weights FILE (a torchvision state dict) or --no-pretrained") from None
+    return nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
+
+
+def sine_position(h, w, dim, device):
+    """2-D sine positional encoding (DETR), [h * w, dim]: half the channels encode y, half x."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=device) / quarter))
+    ys = (torch.arange(h, device=device).float() + 0.5) / h * 2 * torch.pi
+    xs = (torch.arange(w, device=device).float() + 0.5) / w * 2 * torch.pi
+    ey = torch.cat([(ys[:, None] * freqs).sin(), (ys[:, None] * freqs).cos()], -1)  # [h, dim/2]
+    ex = torch.cat([(xs[:, None] * freqs).sin(), (xs[:, None] * freqs).cos()], -1)  # [w, dim/2]
+    return torch.cat([ey[:, None].expand(h, w, -1), ex[None].expand(h, w, -1)], -1).reshape(h * w, dim)
+
+
+class ImageMemory(nn.Module):
+    """ResNet trunk -> 1x1 conv to d -> [B, HW, d] memory with the sine position added."""
+
+    def __init__(self, name, dim, weights_file=None, pretrained=True):
+        super().__init__()
+        self.trunk, channels = build_resnet(name, weights_file, pretrained)
+        self.proj = nn.Conv2d(channels, dim, 1)
+
+    def forward(self, x):
+        f = self.proj(self.trunk(x))  # [B, d, H/32, W/32]
+        b, d, h, w = f.shape
+        return [f.flatten(2).transpose(1, 2) + sine_position(h, w, d, f.device)[None]]
+
+
+class FlowBlock(nn.Module):
+    """v_k for M slots: a transformer decoder layer (self-attention over slots, cross-attention to the
+    memory, FFN; LayerNorm only) on z_t + e_t + slot embedding, then a linear map to the velocity.
+    z: [B, M, d], memory: [B, N, d], t: [B] -> [B, M, d]."""
+
+    def __init__(self, dim, slots, nheads, ffn, dropout):
+        super().__init__()
+        self.time = core.TimeEmbedding(dim)
+        self.slot = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        self.layer = nn.TransformerDecoderLayer(dim, nheads, ffn, dropout, batch_first=True, norm_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+
+    def forward(self, z, memory, t):
+        return self.out(self.layer(z + self.time(t)[:, None] + self.slot[None], memory))
+
+
+class FlowDetector(nn.Module):
+    """Backbone memory + T flow blocks + target embeddings (W_class, W_box) + shared decoders."""
+
+    def __init__(self, memory, blocks, num_classes, dim, guard=True):
+        super().__init__()
+        self.backbone, self.heads = memory, nn.ModuleList(blocks)
+        self.w_class = nn.Embedding(num_classes + 1, dim)  # index C = background
+        self.w_box = nn.Linear(4, dim, bias=False)
+        self.class_head, self.box_head = nn.Linear(dim, num_classes + 1), nn.Linear(dim, 4)
+        self.num_classes, self.dim, self.guard = num_classes, dim, guard
+
+    @property
+    def T(self):
+        return len(self.heads)
+
+    def targets(self, classes, boxes):
+        """z1_j = W_class[c_j] + W_box b_j (eq. 2). classes [B, M], boxes [B, M, 4] -> [B, M, d]."""
+        return self.w_class(classes) + self.w_box(boxes)
+
+    def decode(self, z):
+        """Class logits [B, M, C + 1] and sigmoid cxcywh boxes [B, M, 4] of any latent."""
+        return self.class_head(z).float(), self.box_head(z).float().sigmoid()
+
+    def velocity(self, k, z, feats, t):
+        return self.heads[k](z, feats[0], t)
+
+
+class DETRBaseline(nn.Module):
+    """bp: the same memory, learned queries and T decoder layers of the same width, end to end."""
+
+    def __init__(self, memory, num_classes, dim, slots, nheads, ffn, dropout, T):
+        super().__init__()
+        self.backbone = memory
+        self.queries = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        self.layers = nn.ModuleList(nn.TransformerDecoderLayer(dim, nheads, ffn, dropout, batch_first=True,
+                                                               norm_first=True) for _ in range(T))
+        self.norm = nn.LayerNorm(dim)
+        self.class_head, self.box_head = nn.Linear(dim, num_classes + 1), nn.Linear(dim, 4)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        memory = self.backbone(x)[0]
+        h = self.queries[None].expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            h = layer(h, memory)
+        h = self.norm(h)
+        return self.class_head(h).float(), self.box_head(h).float().sigmoid()
+
+
+def build_model(args, num_classes):
+    """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
+    memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained)
+    if args.method == "bp":
+        return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T)
+    blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout) for _ in range(args.T)]
+    return FlowDetector(memory, blocks, num_classes, args.dim, guard=not args.no_guard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets, coupling and the matching loss
+# ----------------------------------------------------------------------------------------------
+def slot_targets(targets, slots, num_classes, device):
+    """Per image: the first `slots` objects (annotation order) and background elsewhere.
+    Returns classes [B, M] (background = C), boxes [B, M, 4] (zeros for background) and the number
+    of images that had more objects than slots."""
+    classes = torch.full((len(targets), slots), num_classes, dtype=torch.long)
+    boxes = torch.zeros(len(targets), slots, 4)
+    overflow = 0
+    for i, t in enumerate(targets):
+        g = min(len(t["labels"]), slots)
+        overflow += len(t["labels"]) > slots
+        classes[i, :g], boxes[i, :g] = t["labels"][:g], t["boxes_norm"][:g]
+    return classes.to(device), boxes.to(device), overflow
+
+
+def ot_coupling(z0, z1, classes, num_classes):
+    """Assign each image's objects to the slots whose noise is closest (min total squared distance,
+    scipy's linear_sum_assignment); background targets fill the remaining slots. Returns z1, classes
+    permuted so that slot j holds its assigned target. z0, z1: [B, M, d]; classes [B, M]."""
+    z1_out, cls_out = z1.clone(), classes.clone()
+    for i in range(z0.shape[0]):
+        objects = (classes[i] != num_classes).nonzero().squeeze(1)
+        if len(objects) == 0:
+            continue
+        cost = torch.cdist(z0[i].detach().float(), z1[i, objects].detach().float()).pow(2)  # [M, G]
+        slot_idx, obj_idx = linear_sum_assignment(cost.cpu().numpy())
+        background = [j for j in range(z0.shape[1]) if j not in set(slot_idx.tolist())]
+        order = torch.empty(z0.shape[1], dtype=torch.long)
+        order[torch.as_tensor(slot_idx)] = objects[torch.as_tensor(obj_idx)]
+        rest = [j for j in range(z0.shape[1]) if j not in set(objects.tolist())]
+        order[torch.as_tensor(background, dtype=torch.long)] = torch.as_tensor(rest, dtype=torch.long)
+        z1_out[i], cls_out[i] = z1[i, order.to(z1.device)], classes[i, order.to(z1.device)]
+    return z1_out, cls_out
+
+
+@torch.no_grad()
+def hungarian_match(logits, boxes, targets):
+    """Per image: (pred_idx, gt_idx) minimising 1 * (-p[class]) + 5 * L1 + 2 * (-GIoU) (DETR costs)."""
+    out = []
+    prob = logits.softmax(-1)
+    for i, t in enumerate(targets):
+        gt_boxes, gt_labels = t["boxes_norm"].to(boxes.device), t["labels"].to(boxes.device)
+        if len(gt_labels) == 0:
+            out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+            continue
+        cost = (-prob[i][:, gt_labels] + 5 * torch.cdist(boxes[i], gt_boxes, p=1)
+                - 2 * generalized_box_iou(box_convert(boxes[i], "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")))
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+    return out
+
+
+def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
+    """DETR set loss: CE over all slots (matched -> their class, others -> no-object weighted 0.1),
+    L1 x 5 and GIoU x 2 on matched boxes, box terms averaged over the number of ground-truth boxes."""
+    matches = hungarian_match(logits, boxes, targets)
+    target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
+    src, tgt = [], []
+    for i, (rows, cols) in enumerate(matches):
+        target_classes[i, rows] = targets[i]["labels"].to(logits.device)[cols]
+        src.append(boxes[i, rows])
+        tgt.append(targets[i]["boxes_norm"].to(boxes.device)[cols])
+    weight = torch.ones(num_classes + 1, device=logits.device)
+    weight[num_classes] = eos_coef
+    ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+    src, tgt = torch.cat(src), torch.cat(tgt)
+    n = max(len(tgt), 1)
+    l1 = F.l1_loss(src, tgt, reduction="sum") / n
+    giou = (1 - torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"),
+                                               box_convert(tgt, "cxcywh", "xyxy")))).sum() / n if len(tgt) else src.sum() * 0
+    return ce + 5 * l1 + 2 * giou
+
+
+def block_loss(model, k, feats, targets, args):
+    """Loss of flow block k: 0.1 x flow MSE + detection loss on the decoded z1_hat."""
+    device = feats[0].device
+    classes, boxes, _ = slot_targets(targets, args.slots, model.num_classes, device)
+    z1 = model.targets(classes, boxes)
+    z0 = torch.randn_like(z1)
+    if args.coupling == "ot":
+        z1, classes = ot_coupling(z0, z1, classes, model.num_classes)
+    mse, z1_hat = core.flow_matching_loss(model.heads[k], feats[0], z1, k, model.T, args.time_split, args.sigma_min,
+                                          detach_target=model.guard, z0=z0)
+    logits, pred_boxes = model.decode(z1_hat)
+    return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference and evaluation
+# ----------------------------------------------------------------------------------------------
+def postprocess(logits, boxes, sizes, score_thresh=0.05, nms_iou=0.5):
+    """Drop no-object, keep (slot, class) pairs with score >= thresh, per-class NMS, scale cxcywh in
+    [0, 1] to each image's original pixels (VOC's 1-based convention). Returns one dict per image."""
+    prob = logits.softmax(-1)[..., :-1]  # [B, M, C]
+    out = []
+    for i in range(len(prob)):
+        h, w = sizes[i].tolist()
+        xyxy = box_convert(boxes[i], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=boxes.device)
+        slot, cls = (prob[i] >= score_thresh).nonzero(as_tuple=True)
+        scores, b = prob[i][slot, cls], xyxy[slot]
+        keep = batched_nms(b, scores, cls, nms_iou)
+        out.append({"boxes": (b[keep] + torch.tensor([1.0, 1.0, 0.0, 0.0], device=b.device)).cpu(),
+                    "scores": scores[keep].cpu(), "labels": cls[keep].cpu()})
+    return out
+
+
+@torch.no_grad()
+def predict(model, x, index, args, steps=None, return_path=False):
+    """fm: Euler over T steps from per-image seeded z0 (block k on step k); bp: one forward.
+    Returns (logits, boxes), or with return_path the decoded latent after every step."""
+    if args.method == "bp":
+        return model(x)
+    feats = model.backbone(x)
+    z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device)
+    velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
+    z, path = core.integrate(velocity, z0, model.T, steps, return_path=True)
+    return [model.decode(p) for p in path] if return_path else model.decode(z)
+
+
+def evaluate(model, loader, args, device, num_classes):
+    model.eval()
+    dets, gts = [], []
+    for step, (x, targets, index) in enumerate(loader):
+        with core.autocast(device, args.amp):
+            logits, boxes = predict(model, x.to(device), index, args)
+        dets += postprocess(logits, boxes, [t["size"] for t in targets], args.score_thresh, args.nms)
+        gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
+    return {"map50": voc_eval(dets, gts, num_classes)["map"],
+            "map50_area": voc_eval(dets, gts, num_classes, use_07_metric=False)["map"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train_step(model, x, targets, blocks, args, device):
+    """Forward + block-wise (fm) or joint (bp) backward; returns the losses."""
+    with core.autocast(device, args.amp):
+        if args.method == "bp":
+            logits, boxes = model(x)
+            loss = detection_loss(logits, boxes, targets, model.num_classes)
+            if not torch.isfinite(loss):
+                raise core.NonFiniteLoss("bp", loss.item())
+            loss.backward()
+            return {"loss": loss.item()}
+        feats = model.backbone(x)
+        losses = core.blockwise_backward(feats, blocks, lambda k, f: block_loss(model, k, f, targets, args))
+    return {"loss": sum(losses.values()) / len(losses), **{f"loss_b{k}": v for k, v in losses.items()}}
+
+
+def main(args):
+    device = core.get_device(args.device)
+    core.seed_everything(args.seed)
+    if args.method == "bp" and args.mode == "sequential" and "--mode" in sys.argv:
+        sys.exit("error: --mode sequential trains flow blocks one at a time; it does not apply to --method bp")
+    try:
+        train_set, test_set, classes = build_data(args)
+        model = build_model(args, len(classes)).to(device)
+    except (core.DataError, WeightsError) as e:
+        sys.exit(f"error: {e}")
+    if args.eval_limit:
+        test_set = torch.utils.data.Subset(test_set, range(min(args.eval_limit, len(test_set))))
+    kw = dict(num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_set, args.bs, shuffle=True, drop_last=len(train_set) > args.bs, **kw)
+    test_loader = torch.utils.data.DataLoader(test_set, max(args.bs, 8), shuffle=False, **kw)
+
+    backbone = list(model.backbone.trunk.parameters())
+    ids = {id(p) for p in backbone}
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
+                                   {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop], 0.1)  # stepped per epoch
+    passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1
+
+    log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    start_epoch = 0
+    if args.resume:
+        try:
+            state = core.load_checkpoint(args.out)
+        except core.CheckpointError as e:
+            sys.exit(f"error: {e}")
+        if state.get("script") != os.path.basename(__file__):
+            sys.exit(f"error: {args.out} was written by {state.get('script')}, not {os.path.basename(__file__)}")
+        arch = ("method", "dataset", "T", "backbone", "dim", "slots", "nheads", "ffn", "img_size", "no_guard")
+        diff = [k for k in arch if state["args"].get(k) != getattr(args, k)]
+        if diff:
+            sys.exit(f"error: {args.out} was trained with different {', '.join(diff)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        core.set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        core.truncate_log(log_path, start_epoch)
+    elif os.path.exists(args.out):
+        sys.exit(f"error: {args.out} exists; pass --resume to continue it or choose another --out")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        open(log_path, "w").close()
+
+    overflow = sum(len(train_set.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
+    print(f"{args.method} on {args.dataset}: {args.backbone} T={args.T} mode={args.mode} coupling={args.coupling} "
+          f"M={args.slots} device={device} batch={args.bs}; {overflow} training images have more than "
+          f"{args.slots} objects (first {args.slots} kept as targets)")
+    peak, record = None, None
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        t0, sums, count = time.time(), {}, 0
+        blocks = [[k] for k in range(args.T)] if passes > 1 else [list(range(args.T))]
+        per_pass = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
+        bar = tqdm(total=passes * per_pass, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
+        for heads in blocks:
+            for step, (x, targets, _) in enumerate(train_loader):
+                if step >= per_pass:
+                    break
+                x = x.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    if peak is None:  # memory of one training step, measured once on a copy of the model
+                        peak = core.measure_step_memory(lambda m: train_step(m, x, targets, heads, args, device),
+                                                        model, device)
+                    losses = train_step(model, x, targets, heads, args, device)
+                except core.NonFiniteLoss as e:
+                    sys.exit(f"error: {e} at epoch {epoch + 1} step {step}; the last good checkpoint "
+                             f"{args.out} is untouched")
+                core.clip_and_step(optimizer, model.parameters(), args.clip)
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+                bar.update()
+                bar.set_postfix(loss=f"{losses['loss']:.3f}")
+        bar.close()
+        scheduler.step()
+        metrics = evaluate(model, test_loader, args, device, len(classes))
+        record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, **metrics,
+                  "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak}
+        print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} map50 {metrics['map50']:.4f} "
+              f"map50_area {metrics['map50_area']:.4f} ({record['time']:.1f}s)")
+        with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
+            f.write(json.dumps(record) + "\n")
+        core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "rng": core.rng_state(), "epoch": epoch,
+                              "script": os.path.basename(__file__), "args": vars(args),
+                              "num_classes": len(classes)}, args.out)
+    return record
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    main(apply_method_defaults(get_args_parser().parse_args(argv), argv))
