@@ -127,6 +127,18 @@ def truncate_log(path, epochs):
         f.writelines(lines)
 
 
+def load_for_resume(path, script, args, arch):
+    """The checkpoint at `path`, checked to come from `script` with the same values of the
+    architecture flags `arch` as the dict `args`; CheckpointError with one line otherwise."""
+    state = load_checkpoint(path)
+    if state.get("script") != script:
+        raise CheckpointError(f"{path} was written by {state.get('script')}, not {script}")
+    diff = [k for k in arch if state.get("args", {}).get(k) != args.get(k)]
+    if diff:
+        raise CheckpointError(f"{path} was trained with different {', '.join(diff)}")
+    return state
+
+
 def rng_state():
     """All RNG states, in types that torch.load(weights_only=True) accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -252,17 +252,12 @@ def main(args):
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
     start_epoch = 0
     if args.resume:
-        try:
-            state = core.load_checkpoint(args.out)
-        except core.CheckpointError as e:
-            sys.exit(f"error: {e}")
-        if state.get("script") != os.path.basename(__file__):
-            sys.exit(f"error: {args.out} was written by {state.get('script')}, not {os.path.basename(__file__)}")
         arch = ("method", "head", "T", "dim", "depth", "heads", "patch", "stem", "hidden", "head_blocks", "dataset",
                 "img_size", "no_guard")
-        diff = [k for k in arch if state["args"].get(k) != getattr(args, k)]
-        if diff:
-            sys.exit(f"error: {args.out} was trained with different {', '.join(diff)}")
+        try:
+            state = core.load_for_resume(args.out, os.path.basename(__file__), vars(args), arch)
+        except core.CheckpointError as e:
+            sys.exit(f"error: {e}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
