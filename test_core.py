@@ -79,6 +79,14 @@ def test_blockwise_backbone_gradient_equals_joint_backward(guard):
         assert rel <= 1e-5, f"{name}: relative error {rel:.2e}"
 
 
+def test_linear_probe_gradient_reaches_neither_backbone_nor_heads():
+    model = tiny_classifier(T=2)
+    x, y = batch()
+    model.probe_loss(model.backbone(x), y).backward()
+    assert model.probe.weight.grad is not None and model.probe.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("probe."))
+
+
 def test_blockwise_backward_names_the_head_with_a_nonfinite_loss():
     model = tiny_classifier(T=3)
     x, y = batch()
@@ -269,7 +277,7 @@ def run_script(module, argv, tmp_path, name="run.pt"):
     return module.main(parse(module, argv + ["--out", out])), out
 
 
-@pytest.mark.parametrize("extra", [[], ["--mode", "sequential", "--topology", "sequential", "--time-split"],
+@pytest.mark.parametrize("extra", [["--amp"], ["--mode", "sequential", "--topology", "sequential", "--time-split"],
                                    ["--method", "bp", "--epochs", "1"]])
 def test_cnn_script_end_to_end_on_digits(tmp_path, extra):
     record, out = run_script(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "3"] + extra, tmp_path)
