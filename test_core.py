@@ -565,3 +565,63 @@ def test_detection_offline_without_weights_is_one_line(tmp_path, monkeypatch):
     argv = [a for a in SMALL_DET if a != "--no-pretrained"] + ["--data", data, "--out", str(tmp_path / "d.pt")]
     message = exit_message(det, argv)
     assert "--weights" in message and "--no-pretrained" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# fine-tuning: weights files
+# ------------------------------------------------------------------------------------------------
+import finetune_vit  # noqa: E402
+
+TINY_FT = ["--dataset", "digits", "--model", "vit_tiny_patch16_224", "--bs", "32", "--epochs", "1", "--max-steps", "2"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_finetune_starts_from_exactly_the_weights_file(tmp_path, suffix):
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(123)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = str(tmp_path / ("w" + suffix))
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    small = ["--img-size", "16", "--patch", "4"]
+    args = parse(finetune_vit, TINY_FT + small + ["--weights", path])
+    assert args.lr_backbone == 1e-6
+    model = finetune_vit.build_model(args, 10)
+    loaded = model.backbone.vit.state_dict()
+    assert set(loaded) == {k for k in state if not k.startswith("head.")}  # the classifier head is dropped
+    for k, v in loaded.items():
+        assert torch.equal(v, state[k]), k
+    record = finetune_vit.main(parse(finetune_vit, TINY_FT + small + ["--weights", path, "--out", str(tmp_path / "f.pt")]))
+    assert 0 <= record["acc_ensemble"] <= 1 and record["peak_step_bytes"] > 0
+
+
+def test_finetune_wrong_weights_file_is_named(tmp_path):
+    import timm
+    wrong = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).state_dict()
+    path = str(tmp_path / "small.pth")
+    torch.save(wrong, path)
+    message = exit_message(finetune_vit, TINY_FT + ["--weights", path, "--out", str(tmp_path / "f.pt")])
+    assert "does not fit" in message and "wrong shape" in message and "blocks.0.attn.qkv.weight" in message
+    del wrong["pos_embed"]
+    wrong["extra.weight"] = torch.zeros(1)
+    torch.save(wrong, path)
+    message = exit_message(finetune_vit, TINY_FT + ["--weights", path, "--out", str(tmp_path / "f.pt")])
+    assert "missing ['pos_embed']" in message and "extra.weight" in message
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    message = exit_message(finetune_vit, TINY_FT + ["--weights", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "f.pt")])
+    assert "cannot read weights file" in message
+
+
+def test_finetune_bp_runs_and_offline_pretrained_is_one_line(tmp_path, monkeypatch):
+    record = finetune_vit.main(parse(finetune_vit, TINY_FT + ["--no-pretrained", "--img-size", "16", "--patch", "4",
+                                                              "--method", "bp", "--out", str(tmp_path / "b.pt")]))
+    assert 0 <= record["acc"] <= 1
+    import timm.models._builder as builder
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(builder, "load_pretrained", offline)
+    message = exit_message(finetune_vit, TINY_FT + ["--out", str(tmp_path / "p.pt")])
+    assert "--weights" in message and "--no-pretrained" in message

@@ -1,0 +1,329 @@
+"""DFM fine-tuning of a pretrained ViT with flow heads (paper Section 5.3, Table 2, D.2 "Pre-trained
+Fine-Tuning").
+
+Setup (paper defaults): timm vit_base_patch16_224 with ImageNet-1k weights, classification head
+removed; its unpooled output token sequence (class token + patches, after the final norm) feeds
+T = 4 independent token flow heads (core.TokenFlowHead: one transformer block each, so the 4 heads
+match the bp baseline's 4 encoder layers in capacity). Loss per head: flow-matching MSE + CE on the
+t = 1 estimate, with core's block-wise step. AdamW with differential learning rates (backbone 1e-6,
+heads 1e-4; ImageNet-R heads 1e-3), gradient clipping 1.0. CIFAR-10: 20 epochs, batch 32; CIFAR-100:
+10 epochs, batch 32; ImageNet-R: 50 epochs, batch 64 (an ImageFolder tree split 80/20 with a fixed
+seed); images resized to 224.
+
+Where the paper is silent: weight decay 1e-4 and a cosine schedule without warmup (D.2's from-scratch
+optimiser, minus the warmup a pretrained backbone does not need); the same for bp. With
+--no-pretrained the backbone starts from random weights and its lr defaults to the heads' lr (a
+random backbone at 1e-6 would not learn).
+
+--method bp: the same backbone, 4 standard transformer encoder layers (timm Blocks of the same
+width), mean pooling and a linear classifier, trained end to end with the same lrs and schedule.
+
+Weights: --pretrained (default) uses timm's own download; --weights FILE loads a local .safetensors
+or .pth state dict (offline); --no-pretrained starts from random init (then --img-size and --patch
+apply, also to a --weights file, whose shapes must then match). A weights file whose keys or shapes do not fit stops with one line naming them.
+
+Offline run (measured numbers in README.md):
+    python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained --out runs/ft_digits.pt
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import core
+
+# per dataset (paper D.2): epochs, batch size, head lr; digits is an offline CPU config, not a paper setup
+SETUPS = {
+    "cifar10": dict(epochs=20, bs=32, lr=1e-4),
+    "cifar100": dict(epochs=10, bs=32, lr=1e-4),
+    "imagenet-r": dict(epochs=50, bs=64, lr=1e-3),
+    "digits": dict(epochs=15, bs=64, lr=1e-3),
+}
+NUM_CLASSES_HINT = {"cifar10": 10, "cifar100": 100, "imagenet-r": 200, "digits": 10}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DFM fine-tuning of a pretrained ViT", add_help=True)
+    # data
+    p.add_argument("--dataset", default="cifar100", choices=list(SETUPS), help="dataset (digits: offline)")
+    p.add_argument("--data", default="data", help="dataset root (ImageNet-R: DIR/imagenet-r/<class>/*.jpg)")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers")
+    # method
+    p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow heads, or 4 encoder layers end to end")
+    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"], help="block-wise schedule")
+    p.add_argument("--T", type=int, default=4, help="flow heads (bp: encoder layers)")
+    p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
+    p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the CE on the t = 1 estimate")
+    p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE reduction over latent dims")
+    p.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
+    # model and weights
+    p.add_argument("--model", default="vit_base_patch16_224", help="any timm ViT")
+    p.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
+                   help="timm's ImageNet weights, downloaded when online (default)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init")
+    p.add_argument("--weights", default=None, help="local .safetensors or .pth state dict of the backbone")
+    p.add_argument("--img-size", type=int, default=None, help="input size (random init or --weights; else the model's)")
+    p.add_argument("--patch", type=int, default=None, help="patch size (random init or --weights)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the heads")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the dataset's setup)")
+    p.add_argument("--bs", type=int, default=None, help="batch size (default: the dataset's setup)")
+    p.add_argument("--lr", type=float, default=None, help="lr of heads / bp layers (paper 1e-4; ImageNet-R 1e-3)")
+    p.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (1e-6; heads' lr if random init)")
+    p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    # run
+    p.add_argument("--seed", type=int, default=0, help="random seed (also seeds evaluation noise)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
+    return p
+
+
+def apply_method_defaults(args, argv):
+    """Dataset setup for flags left at None; backbone lr 1e-6, or the heads' lr from random init."""
+    for key, value in SETUPS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.lr_backbone is None:
+        args.lr_backbone = 1e-6 if (args.pretrained or args.weights) else args.lr
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+class WeightsError(RuntimeError):
+    """Weights that cannot be had or do not fit; one-line message."""
+
+
+def load_state_file(path):
+    """A state dict from .safetensors or a torch file (weights_only); a wrapping {'model': ...} or
+    {'state_dict': ...} is unwrapped."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read weights file {path} ({type(e).__name__})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds no state dict")
+    return state
+
+
+class ViTBackbone(nn.Module):
+    """timm ViT without its classifier; returns [unpooled output tokens [B, N, D]]."""
+
+    def __init__(self, name, pretrained, weights=None, img_size=None, patch=None):
+        super().__init__()
+        download = pretrained and not weights
+        kw = {} if download else {k: v for k, v in (("img_size", img_size), ("patch_size", patch)) if v}
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter when offline
+        try:
+            self.vit = timm.create_model(name, pretrained=download, num_classes=0, global_pool="", **kw)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise WeightsError(f"timm has no model {name!r}") from None
+            raise WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
+                               f"--weights FILE (.safetensors or .pth) or --no-pretrained") from None
+        except Exception as e:  # network errors from the hub
+            raise WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
+                               f"--weights FILE (.safetensors or .pth) or --no-pretrained") from None
+        if weights:
+            state = {k: v for k, v in load_state_file(weights).items() if not k.startswith(("head.", "fc_norm.head"))}
+            own = self.vit.state_dict()
+            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+            if missing or unexpected or shapes:
+                raise WeightsError(f"{weights} does not fit {name}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                                   f"wrong shape {shapes[:4]}")
+            self.vit.load_state_dict(state)
+        self.dim = self.vit.embed_dim
+        self.heads_hint = self.vit.blocks[0].attn.num_heads
+        cfg = self.vit.pretrained_cfg or {}
+        self.mean, self.std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
+        self.img_size = self.vit.patch_embed.img_size[0]
+
+    def forward(self, x):
+        return [self.vit.forward_features(x)]
+
+
+class BPClassifier(nn.Module):
+    """bp: backbone, T standard encoder layers (timm Blocks of the same width), mean pool, linear."""
+
+    def __init__(self, backbone, num_classes, T):
+        super().__init__()
+        self.backbone = backbone
+        self.layers = nn.Sequential(*[timm.models.vision_transformer.Block(backbone.dim, backbone.heads_hint, qkv_bias=True)
+                                      for _ in range(T)])
+        self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, num_classes))
+
+    def forward(self, x):
+        return self.head(self.layers(self.backbone(x)[-1]).mean(1))
+
+
+def build_model(args, num_classes):
+    """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
+    backbone = ViTBackbone(args.model, args.pretrained, args.weights, args.img_size, args.patch)
+    if args.method == "bp":
+        return BPClassifier(backbone, num_classes, args.T)
+    heads = [core.TokenFlowHead(backbone.dim, backbone.dim, backbone.heads_hint, dropout=args.dropout)
+             for _ in range(args.T)]
+    return core.FlowClassifier(backbone, heads, num_classes, backbone.dim, None, backbone.dim, guard=not args.no_guard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def build_data(args, backbone):
+    size = backbone.img_size
+    if args.dataset == "digits":  # tensors [1, 8, 8] -> 3 channels at the model's input size
+        to = [v2.Resize(size, antialias=True), v2.Lambda(lambda x: x.expand(3, -1, -1)),
+              v2.Normalize(backbone.mean, backbone.std)]
+        train_tf = v2.Compose([v2.RandomAffine(0, translate=(0.1, 0.1))] + to)
+        test_tf = v2.Compose(to)
+    else:
+        to = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(backbone.mean, backbone.std)]
+        train_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()] + to)
+        test_tf = v2.Compose([v2.Resize((size, size), antialias=True)] + to)
+    train, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf)
+    return core.WithIndex(train), core.WithIndex(test), num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train_step(model, x, y, heads, args, device):
+    """Forward + block-wise (fm) or joint (bp) backward; returns the losses."""
+    with core.autocast(device, args.amp):
+        if args.method == "bp":
+            loss = F.cross_entropy(model(x).float(), y)
+            if not torch.isfinite(loss):
+                raise core.NonFiniteLoss("bp", loss.item())
+            loss.backward()
+            return {"loss": loss.item()}
+        feats = model.backbone(x)
+        losses = core.blockwise_backward(feats, heads, lambda k, f: model.head_loss(
+            k, f, y, args.lam, args.time_split, args.sigma_min, args.mse))
+        probe = model.probe_loss(feats, y)
+    probe.backward()
+    return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(), **{f"loss_h{k}": v for k, v in losses.items()}}
+
+
+def evaluate(model, loader, args, device):
+    if args.method == "bp":
+        return core.evaluate_logits(model, loader, device, args.amp)
+    return core.evaluate_flow(model, loader, device, args.seed, args.amp)
+
+
+def main(args):
+    device = core.get_device(args.device)
+    core.seed_everything(args.seed)
+    try:
+        model = build_model(args, NUM_CLASSES_HINT[args.dataset])
+        train_set, test_set, num_classes = build_data(args, model.backbone)
+    except (WeightsError, core.DataError) as e:
+        sys.exit(f"error: {e}")
+    if num_classes != NUM_CLASSES_HINT[args.dataset]:  # e.g. an ImageNet-R subset with fewer classes
+        core.seed_everything(args.seed)
+        model = build_model(args, num_classes)
+    model = model.to(device)
+    loader_kw = dict(num_workers=0 if args.dataset == "digits" else args.workers, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_set, args.bs, shuffle=True, drop_last=len(train_set) > args.bs,
+                                               **loader_kw)
+    test_loader = torch.utils.data.DataLoader(test_set, 2 * args.bs, shuffle=False, **loader_kw)
+
+    backbone = list(model.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
+                                   {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
+    passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1
+    steps_per_epoch = passes * (min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader))
+    scheduler = core.warmup_cosine(optimizer, 0, args.epochs * steps_per_epoch)
+
+    log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    start_epoch = 0
+    if args.resume:
+        arch = ("method", "model", "T", "dataset", "img_size", "patch", "no_guard")
+        try:
+            state = core.load_for_resume(args.out, os.path.basename(__file__), vars(args), arch)
+        except core.CheckpointError as e:
+            sys.exit(f"error: {e}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        core.set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        core.truncate_log(log_path, start_epoch)
+    elif os.path.exists(args.out):
+        sys.exit(f"error: {args.out} exists; pass --resume to continue it or choose another --out")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        open(log_path, "w").close()
+
+    print(f"{args.method} fine-tuning {args.model} on {args.dataset}: T={args.T} mode={args.mode} "
+          f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device} batch={args.bs}")
+    peak, record = None, None
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        t0, sums, count = time.time(), {}, 0
+        blocks = [[k] for k in range(args.T)] if passes > 1 else [list(range(args.T))]
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
+        for heads in blocks:
+            for step, (x, y, _) in enumerate(train_loader):
+                if args.max_steps and step >= args.max_steps:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    if peak is None:  # memory of one training step, measured once on a copy of the model
+                        peak = core.measure_step_memory(lambda m: train_step(m, x, y, heads, args, device),
+                                                        model, device)
+                    losses = train_step(model, x, y, heads, args, device)
+                except core.NonFiniteLoss as e:
+                    sys.exit(f"error: {e} at epoch {epoch + 1} step {step}; the last good checkpoint "
+                             f"{args.out} is untouched")
+                core.clip_and_step(optimizer, model.parameters(), args.clip)
+                scheduler.step()
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+                bar.update()
+                bar.set_postfix(loss=f"{losses['loss']:.3f}")
+        bar.close()
+        metrics = evaluate(model, test_loader, args, device)
+        record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, **metrics,
+                  "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak}
+        main_metric = "acc" if args.method == "bp" else "acc_ensemble"
+        print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} {main_metric} {metrics[main_metric]:.4f}"
+              + ("" if args.method == "bp" else f" single {metrics['acc_single']:.4f} multistep "
+                 f"{metrics['acc_multistep']:.4f} probe {metrics['acc_probe']:.4f}")
+              + f" peak step memory {peak / 2**20:.1f} MiB ({record['time']:.1f}s)")
+        with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
+            f.write(json.dumps(record) + "\n")
+        core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "rng": core.rng_state(), "epoch": epoch,
+                              "script": os.path.basename(__file__), "args": vars(args),
+                              "num_classes": num_classes}, args.out)
+    return record
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    main(apply_method_defaults(get_args_parser().parse_args(argv), argv))
