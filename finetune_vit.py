@@ -43,10 +43,10 @@ import core
 
 # per dataset (paper D.2): epochs, batch size, head lr; digits is an offline CPU config, not a paper setup
 SETUPS = {
-    "cifar10": dict(epochs=20, bs=32, lr=1e-4),
-    "cifar100": dict(epochs=10, bs=32, lr=1e-4),
-    "imagenet-r": dict(epochs=50, bs=64, lr=1e-3),
-    "digits": dict(epochs=15, bs=64, lr=1e-3),
+    "cifar10": dict(epochs=20, bs=32, lr=1e-4, warmup=0),
+    "cifar100": dict(epochs=10, bs=32, lr=1e-4, warmup=0),
+    "imagenet-r": dict(epochs=50, bs=64, lr=1e-3, warmup=0),
+    "digits": dict(epochs=12, bs=64, lr=1e-3, warmup=2),
 }
 NUM_CLASSES_HINT = {"cifar10": 10, "cifar100": 100, "imagenet-r": 200, "digits": 10}
 
@@ -81,6 +81,7 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=None, help="lr of heads / bp layers (paper 1e-4; ImageNet-R 1e-3)")
     p.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (1e-6; heads' lr if random init)")
     p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup epochs before cosine (paper: none)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     # run
@@ -255,7 +256,7 @@ def main(args):
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
     passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1
     steps_per_epoch = passes * (min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader))
-    scheduler = core.warmup_cosine(optimizer, 0, args.epochs * steps_per_epoch)
+    scheduler = core.warmup_cosine(optimizer, args.warmup * steps_per_epoch, args.epochs * steps_per_epoch)
 
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
     start_epoch = 0

@@ -625,3 +625,74 @@ def test_finetune_bp_runs_and_offline_pretrained_is_one_line(tmp_path, monkeypat
     monkeypatch.setattr(builder, "load_pretrained", offline)
     message = exit_message(finetune_vit, TINY_FT + ["--out", str(tmp_path / "p.pt")])
     assert "--weights" in message and "--no-pretrained" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# analyze.py: metric functions with known answers, and the modes end to end
+# ------------------------------------------------------------------------------------------------
+import analyze  # noqa: E402
+
+
+def test_intrinsic_dimension_counts_the_components_for_90_percent_of_variance():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(10, 10, generator=g))[0]
+    coords = torch.randn(5000, 10, generator=g) * torch.tensor([3.0, 3, 3] + [0.0] * 7)  # 3 equal directions
+    assert analyze.intrinsic_dimension(coords @ basis.T) == 3
+    coords = torch.randn(5000, 10, generator=g) * torch.tensor([10.0, 1, 1] + [0.0] * 7)  # 100/102 > .9
+    assert analyze.intrinsic_dimension(coords @ basis.T) == 1
+    assert analyze.intrinsic_dimension(coords @ basis.T, threshold=0.99) == 2  # 101/102 > .99 > 100/102
+
+
+def test_feature_spread_is_mean_pairwise_cosine_distance():
+    assert analyze.feature_spread(torch.eye(6)) == pytest.approx(1.0)  # orthogonal: cos 0
+    assert analyze.feature_spread(torch.ones(5, 3) * torch.arange(1, 6)[:, None]) == pytest.approx(0.0)  # parallel
+    assert analyze.feature_spread(torch.tensor([[1.0, 0], [-2.0, 0]])) == pytest.approx(2.0)  # antipodal
+    x = torch.tensor([[1.0, 0], [0, 1], [1, 1]])  # pairs: 1, 1 - 1/sqrt2, 1 - 1/sqrt2
+    assert analyze.feature_spread(x) == pytest.approx((1 + 2 * (1 - 2 ** -0.5)) / 3)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "lbfgs"])
+def test_linear_probe_separates_linearly_separable_data(opt):
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 4
+    y = torch.randint(0, 4, (800,), generator=g)
+    x = centers[y] + torch.randn(800, 16, generator=g)
+    acc = analyze.linear_probe(x[:600], y[:600], x[600:], y[600:], 4, epochs=100, opt=opt, ks=(1, 2))
+    assert acc["top1"] >= 0.99
+    shuffled = analyze.linear_probe(x[:600], y[torch.randperm(600, generator=g)], x[600:], y[600:], 4, epochs=100,
+                                    opt=opt)
+    assert shuffled["top1"] < 0.5  # labels unrelated to features: the probe cannot do it
+
+
+def test_grad_variance_is_the_mean_per_parameter_variance():
+    grads = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])]
+    assert analyze.grad_variance(grads) == pytest.approx((2.0 + 0.0) / 2)
+
+
+def test_analyze_modes_on_a_digits_checkpoint(tmp_path):
+    _, out = run_script(train_cls_cnn, SMALL_CNN + ["--epochs", "2", "--max-steps", "4", "--T", "2"], tmp_path)
+    args, extra = analyze.get_args_parser().parse_known_args(
+        ["--ckpt", out, "--probe", "--inference", "--geometry", "--refinement", "--curves", "--grad-variance",
+         "--noise-seeds", "2", "--limit", "100", "--probe-epochs", "20", "--grad-batches", "3"])
+    results = analyze.main(args, extra)
+    folder = tmp_path / "analysis"
+    for mode in ("probe", "inference", "geometry", "refinement", "curves", "grad_variance"):
+        assert (folder / f"{mode}.json").exists(), mode
+    for mode in ("inference", "geometry", "refinement", "curves", "grad_variance"):
+        assert (folder / f"{mode}.png").stat().st_size > 1000, mode
+    modes = {r["mode"] for r in results["inference"]}
+    assert {"head0", "head1", "ensemble", "euler_T", "euler_2T", "euler_4T", "heun_T"} <= modes
+    assert [r["stage"] for r in results["geometry"]] == [1, 2, 3]
+    assert len(results["refinement"]) == 2 and len(results["curves"]) == 2
+    assert {(r["T"], r["method"]) for r in results["grad_variance"]} == {(4, "fm"), (4, "bp"), (6, "fm"), (6, "bp")}
+
+
+def test_analyze_memory_fm_flat_in_T_bp_growing(tmp_path):
+    args, extra = analyze.get_args_parser().parse_known_args(
+        ["--memory", "--script", "train_cls_cnn.py", "--Ts", "2,8", "--outdir", str(tmp_path), "--dataset", "digits",
+         "--channels", "8,16,32", "--dim", "32", "--hidden", "64"])
+    rows = analyze.main(args, extra)["memory"]
+    peak = {(r["method"], r["T"]): r["peak_bytes"] for r in rows}
+    assert abs(peak["fm", 8] / peak["fm", 2] - 1) <= 0.05 and peak["bp", 8] >= 2 * peak["bp", 2]
+    assert set(rows[0]) == {"script", "method", "T", "peak_bytes", "step_seconds"}
+    assert (tmp_path / "memory.json").exists() and (tmp_path / "memory.png").exists()

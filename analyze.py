@@ -1,0 +1,514 @@
+"""The paper's analyses from checkpoints of the four training scripts, as JSON, tables and plots.
+
+    python analyze.py --ckpt run.pt --probe                          # linear probe on frozen features
+    python analyze.py --ckpt run.pt --inference --noise-seeds 5      # Table 3 (+ 2T, 4T steps, Heun)
+    python analyze.py --ckpt fm.pt --ckpt bp.pt --geometry           # Figure 5: ID and spread per stage
+    python analyze.py --ckpt run.pt --refinement                     # Figure 6: metric after each Euler step
+    python analyze.py --ckpt run.pt --grad-variance                  # Figure 7 / Proposition 3, T = 4 and 6
+    python analyze.py --ckpt fm.pt --ckpt bp.pt --curves             # Figures 2 and 4 from the JSON-lines logs
+    python analyze.py --memory --script train_det_voc.py --backbone resnet18 --img-size 64   # Figure 3
+
+A checkpoint names the script that wrote it; the model is rebuilt with that script's build_model
+and the args stored in the checkpoint. Each mode writes <mode>.json and PNGs into --outdir
+(default: a folder `analysis` beside the first checkpoint) and prints a table. --memory needs no
+checkpoint: it builds fm and bp models of --script (extra flags go to that script's parser) for
+T in {4, 8, 16, 20, 24} at batch 8 and measures one training step of each.
+"""
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import core
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CLASSIFICATION = ("train_cls_cnn.py", "train_cls_vit.py", "finetune_vit.py")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DFM analyses", add_help=True)
+    p.add_argument("--ckpt", action="append", default=[], help="checkpoint (repeat to compare runs)")
+    p.add_argument("--outdir", default=None, help="output folder (default: analysis/ beside the first checkpoint)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--bs", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N test (and probe-train) samples")
+    # modes
+    p.add_argument("--probe", action="store_true", help="linear probe on frozen backbone features")
+    p.add_argument("--inference", action="store_true", help="Table 3: per-head, ensemble, Euler T/2T/4T, Heun")
+    p.add_argument("--geometry", action="store_true", help="intrinsic dimension and spread per backbone stage")
+    p.add_argument("--refinement", action="store_true", help="task metric after each Euler step")
+    p.add_argument("--grad-variance", action="store_true", help="per-block gradient variance, fm vs bp, T = 4, 6")
+    p.add_argument("--curves", action="store_true", help="training curves from the runs' JSON-lines logs")
+    p.add_argument("--memory", action="store_true", help="peak step memory and time vs T, fm vs bp")
+    # mode options
+    p.add_argument("--probe-epochs", type=int, default=200, help="full-batch epochs of the probe")
+    p.add_argument("--probe-lr", type=float, default=1e-2, help="probe learning rate")
+    p.add_argument("--probe-opt", default="adamw", choices=["adamw", "lbfgs"], help="probe optimiser")
+    p.add_argument("--noise-seeds", type=int, default=3, help="z0 draws for --inference (mean +- std)")
+    p.add_argument("--solver", default="heun", choices=["heun", "midpoint"], help="second-order solver")
+    p.add_argument("--grad-batches", type=int, default=8, help="mini-batches for --grad-variance")
+    p.add_argument("--var-threshold", type=float, default=0.9, help="PCA variance fraction for the ID")
+    p.add_argument("--script", default="train_det_voc.py", help="--memory: the training script to measure")
+    p.add_argument("--Ts", default="4,8,16,20,24", help="--memory: numbers of blocks")
+    p.add_argument("--mem-bs", type=int, default=8, help="--memory: batch size")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric functions (pure; tested in test_core.py)
+# ----------------------------------------------------------------------------------------------
+def intrinsic_dimension(features, threshold=0.9):
+    """Number of principal components needed to explain `threshold` of the variance. features [N, F]."""
+    x = features.double() - features.double().mean(0)
+    var = torch.linalg.svdvals(x) ** 2
+    ratio = torch.cumsum(var, 0) / var.sum()
+    return int((ratio < threshold - 1e-12).sum()) + 1
+
+
+def feature_spread(features):
+    """Mean pairwise cosine distance 1 - cos(x_i, x_j) over pairs i != j. features [N, F]."""
+    x = F.normalize(features.double(), dim=1)
+    n = len(x)
+    sim = x @ x.T
+    return float((n * n - sim.sum()) / (n * (n - 1)))  # sum over i != j of (1 - cos); diagonal is 1 - 1 = 0
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=200, lr=1e-2, opt="adamw", ks=(1, 5), seed=0):
+    """Full-batch linear classifier on standardised frozen features; returns test top-k accuracies."""
+    torch.manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
+    probe = torch.nn.Linear(xtr.shape[1], num_classes)
+    if opt == "lbfgs":
+        optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=epochs, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(probe(xtr), train_y) + 1e-4 * probe.weight.pow(2).sum()
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+    else:
+        optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            F.cross_entropy(probe(xtr), train_y).backward()
+            optimizer.step()
+    with torch.no_grad():
+        hits = core.topk_correct(probe(xte), test_y, ks)
+    return {("top1" if k == 1 else f"top{k}"): h / len(test_y) for k, h in zip(ks, hits)}
+
+
+def grad_variance(grads):
+    """Mean over parameters of the variance across mini-batches. grads: list of flat [P] tensors."""
+    g = torch.stack(grads).double()
+    return float(g.var(0, unbiased=True).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Rebuilding runs
+# ----------------------------------------------------------------------------------------------
+class Run:
+    """A checkpoint rebuilt: the script module, its args, the model (weights loaded, eval mode) and data."""
+
+    def __init__(self, path, device):
+        state = core.load_checkpoint(path)
+        self.path, self.device = path, device
+        self.script = state.get("script")
+        if self.script not in CLASSIFICATION + ("train_det_voc.py",):
+            raise core.CheckpointError(f"{path} was written by {self.script!r}, which analyze.py does not know")
+        self.module = importlib.import_module(self.script[:-3])
+        self.args = argparse.Namespace(**state["args"])
+        self.args.device = str(device)
+        self.kind = "det" if self.script == "train_det_voc.py" else "cls"
+        # never download: the checkpoint holds every weight
+        for key, value in (("pretrained", False), ("weights", None), ("no_pretrained", True)):
+            if hasattr(self.args, key):
+                setattr(self.args, key, value)
+        self.model = self.build(self.args, state)
+        if state.get("ema"):  # the weights the run evaluated and reported (AveragedModel keys: module.*)
+            self.model.load_state_dict({k[7:]: v for k, v in state["ema"].items() if k.startswith("module.")})
+        else:
+            self.model.load_state_dict(state["model"])
+        self.model.to(device).eval()
+        self.num_classes = state["num_classes"]
+        self.log = os.path.splitext(path)[0] + ".jsonl"
+
+    def build(self, args, state):
+        params = inspect.signature(self.module.build_model).parameters
+        extra = [state["in_ch"]] if "in_ch" in params else []
+        return self.module.build_model(args, state["num_classes"], *extra)
+
+    def data(self):
+        """(train, test) with the test transform on both (no augmentation for frozen features)."""
+        if self.script == "finetune_vit.py":
+            train, test, _ = self.module.build_data(self.args, self.model.backbone)
+        elif self.kind == "det":
+            train, test, _ = self.module.build_data(self.args)
+            train.transform = test.transform
+            return train, test
+        else:
+            train, test = self.module.build_data(self.args)[:2]
+        inner_train, inner_test = train.dataset, test.dataset
+        for a, b in ((inner_train, inner_test), (getattr(inner_train, "dataset", None), getattr(inner_test, "dataset", None))):
+            if a is not None and hasattr(a, "transform") and hasattr(b, "transform"):
+                a.transform = b.transform
+        return train, test
+
+    def loader(self, dataset, bs, limit=0):
+        if limit:
+            dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+        kw = {"collate_fn": self.module.collate} if self.kind == "det" else {}
+        return torch.utils.data.DataLoader(dataset, bs, shuffle=False, num_workers=0, **kw)
+
+    @property
+    def is_fm(self):
+        return self.args.method == "fm"
+
+    @property
+    def topk(self):
+        return {"cifar100": 5, "tinyimagenet": 10}.get(self.args.dataset, 5)
+
+
+@torch.no_grad()
+def stage_features(run, loader):
+    """Pooled features of every backbone stage and the labels: ([N, F_s] per stage, [N])."""
+    feats, labels = None, []
+    for x, y, _ in loader:
+        out = [core.pool(f).float().cpu() for f in run.model.backbone(x.to(run.device))]
+        feats = [[] for _ in out] if feats is None else feats
+        for store, f in zip(feats, out):
+            store.append(f)
+        labels.append(y)
+    return [torch.cat(f) for f in feats], torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modes
+# ----------------------------------------------------------------------------------------------
+def mode_probe(runs, args):
+    rows = []
+    for run in runs:
+        if run.kind != "cls":
+            continue
+        train, test = run.data()
+        (ftr, ytr), (fte, yte) = (stage_features(run, run.loader(d, args.bs, args.limit)) for d in (train, test))
+        acc = linear_probe(ftr[-1], ytr, fte[-1], yte, run.num_classes, args.probe_epochs, args.probe_lr, args.probe_opt,
+                           ks=(1, run.topk))
+        rows.append({"ckpt": run.path, "method": run.args.method, **acc})
+        print(f"probe  {run.path}: top-1 {acc['top1']:.4f}  top-{run.topk} {acc[f'top{run.topk}']:.4f}")
+    return rows, None
+
+
+@torch.no_grad()
+def flow_accuracies(run, loader, seed, solver):
+    """Top-1 / top-k of every inference mode for one z0 draw (seed)."""
+    model, T, ks = run.model, run.model.T, (1, run.topk)
+    names = [f"head{k}" for k in range(T)] + ["ensemble", "euler_T", "euler_2T", "euler_4T", f"{solver}_T"]
+    hits, n = {name: [0, 0] for name in names}, 0
+    for x, y, idx in loader:
+        x, y = x.to(run.device), y.to(run.device)
+        feats = model.backbone(x)
+        z0 = core.noise_for(idx, (model.dim,), seed, run.device)
+        velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
+        singles = [core.single_step(velocity, z0, k) for k in range(T)]
+        latents = dict(zip(names[:T], singles))
+        latents["ensemble"] = torch.stack(singles).mean(0)
+        for mult in (1, 2, 4):
+            latents[f"euler_{'' if mult == 1 else mult}T"] = core.integrate(velocity, z0, T, mult * T)
+        latents[f"{solver}_T"] = core.integrate(velocity, z0, T, T, method=solver)
+        for name, z in latents.items():
+            hits[name] = [a + b for a, b in zip(hits[name], core.topk_correct(model.logits(z), y, ks))]
+        n += len(y)
+    return {name: [h / n for h in v] for name, v in hits.items()}
+
+
+def mode_inference(runs, args):
+    rows = []
+    for run in runs:
+        if run.kind != "cls" or not run.is_fm:
+            continue
+        test = run.data()[1]
+        loader = run.loader(test, args.bs, args.limit)
+        draws = [flow_accuracies(run, loader, seed, args.solver) for seed in range(args.noise_seeds)]
+        for name in draws[0]:
+            top1 = np.array([d[name][0] for d in draws])
+            topk = np.array([d[name][1] for d in draws])
+            rows.append({"ckpt": run.path, "time_split": bool(getattr(run.args, "time_split", False)), "mode": name,
+                         "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
+                         f"top{run.topk}_mean": float(topk.mean()), f"top{run.topk}_std": float(topk.std())})
+        print(f"inference  {run.path} (time_split={getattr(run.args, 'time_split', False)}, {args.noise_seeds} z0 draws)")
+        for r in rows:
+            if r["ckpt"] == run.path:
+                print(f"  {r['mode']:>10}: top-1 {r['top1_mean']:.4f} +- {r['top1_std']:.4f}   "
+                      f"top-{run.topk} {r[f'top{run.topk}_mean']:.4f}")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    paths = sorted({r["ckpt"] for r in rows})
+    width = 0.8 / max(1, len(paths))
+    for i, path in enumerate(paths):
+        sub = [r for r in rows if r["ckpt"] == path]
+        xs = np.arange(len(sub)) + i * width
+        label = os.path.basename(path) + (" (time-split)" if sub and sub[0]["time_split"] else "")
+        ax.bar(xs, [r["top1_mean"] for r in sub], width, yerr=[r["top1_std"] for r in sub], label=label, capsize=2)
+        ax.set_xticks(np.arange(len(sub)) + 0.4 - width / 2, [r["mode"] for r in sub], rotation=45, ha="right")
+    ax.set_ylabel("test top-1 accuracy")
+    ax.set_xlabel("inference mode")
+    ax.set_title("Inference modes (mean +- std over z0 draws)")
+    ax.legend()
+    return rows, fig
+
+
+def mode_geometry(runs, args):
+    rows = []
+    for run in runs:
+        if run.kind != "cls":
+            continue
+        feats, _ = stage_features(run, run.loader(run.data()[1], args.bs, args.limit or 2000))
+        for s, f in enumerate(feats):
+            rows.append({"ckpt": run.path, "method": run.args.method, "stage": s + 1,
+                         "intrinsic_dim": intrinsic_dimension(f, args.var_threshold), "spread": feature_spread(f)})
+            print(f"geometry  {os.path.basename(run.path)} stage {s + 1}: ID {rows[-1]['intrinsic_dim']:4d}  "
+                  f"spread {rows[-1]['spread']:.4f}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for path in sorted({r["ckpt"] for r in rows}):
+        sub = [r for r in rows if r["ckpt"] == path]
+        label = f"{os.path.basename(path)} ({sub[0]['method']})"
+        axes[0].plot([r["stage"] for r in sub], [r["intrinsic_dim"] for r in sub], "o-", label=label)
+        axes[1].plot([r["stage"] for r in sub], [r["spread"] for r in sub], "o-", label=label)
+    for ax, name in zip(axes, (f"intrinsic dimension (PCA {args.var_threshold:.0%})", "feature spread (mean cosine distance)")):
+        ax.set_xlabel("backbone stage")
+        ax.set_ylabel(name)
+        ax.legend()
+    return rows, fig
+
+
+def mode_refinement(runs, args):
+    rows = []
+    for run in runs:
+        if not run.is_fm:
+            continue
+        test = run.data()[1]
+        loader = run.loader(test, min(args.bs, 32) if run.kind == "det" else args.bs, args.limit)
+        if run.kind == "cls":
+            hits, n = None, 0
+            with torch.no_grad():
+                for x, y, idx in loader:
+                    x, y = x.to(run.device), y.to(run.device)
+                    feats = run.model.backbone(x)
+                    z0 = core.noise_for(idx, (run.model.dim,), run.args.seed, run.device)
+                    _, path = core.integrate(lambda k, z, t: run.model.velocity(k, z, feats, t).float(), z0, run.model.T,
+                                             return_path=True)
+                    step_hits = [core.topk_correct(run.model.logits(z), y, (1,))[0] for z in path]
+                    hits = step_hits if hits is None else [a + b for a, b in zip(hits, step_hits)]
+                    n += len(y)
+            values = [h / n for h in hits]
+            metric = "top1"
+        else:
+            det = run.module
+            dets, gts = None, []
+            with torch.no_grad():
+                for x, targets, idx in loader:
+                    decoded = det.predict(run.model, x.to(run.device), idx, run.args, return_path=True)
+                    sizes = [t["size"] for t in targets]
+                    per_step = [det.postprocess(lg, bx, sizes, run.args.score_thresh, run.args.nms) for lg, bx in decoded]
+                    dets = per_step if dets is None else [a + b for a, b in zip(dets, per_step)]
+                    gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
+            values = [det.voc_eval(d, gts, run.num_classes)["map"] for d in dets]
+            metric = "map50"
+        for step, value in enumerate(values, 1):
+            rows.append({"ckpt": run.path, "step": step, metric: value})
+        print(f"refinement  {os.path.basename(run.path)}: " + "  ".join(f"step {i}: {v:.4f}" for i, v in enumerate(values, 1)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for path in sorted({r["ckpt"] for r in rows}):
+        sub = [r for r in rows if r["ckpt"] == path]
+        key = "top1" if "top1" in sub[0] else "map50"
+        ax.plot([r["step"] for r in sub], [r[key] for r in sub], "o-", label=f"{os.path.basename(path)} ({key})")
+    ax.set_xlabel("Euler step (latent decoded after the step)")
+    ax.set_ylabel("test metric")
+    ax.set_title("Progressive refinement")
+    ax.legend()
+    return rows, fig
+
+
+def block_modules(model):
+    """The T post-backbone blocks: flow heads (fm) or stacked layers (bp)."""
+    return list(model.heads) if hasattr(model, "heads") else list(model.layers)
+
+
+def mode_grad_variance(runs, args):
+    """Per-block gradient variance across mini-batches for fresh fm and bp models of the checkpoint's
+    script at T = 4 and 6, their backbones initialised from the checkpoint (Proposition 3, Fig. 7)."""
+    rows = []
+    run = runs[0]
+    train = run.data()[0]
+    loader = run.loader(train, 16 if run.kind == "det" else 64)
+    batches = [b for _, b in zip(range(args.grad_batches), loader)]
+    backbone_state = {k: v for k, v in run.model.state_dict().items() if k.startswith("backbone.")}
+    for T in (4, 6):
+        for method in ("fm", "bp"):
+            margs = argparse.Namespace(**{**vars(run.args), "T": T, "method": method, "mode": "parallel"})
+            torch.manual_seed(0)
+            model = run.build(margs, {"num_classes": run.num_classes, "in_ch": getattr(run.model, "in_ch", None)
+                                      or _in_ch(run)}).to(run.device)
+            model.load_state_dict(backbone_state, strict=False)
+            model.train()
+            grads = [[] for _ in range(T)]
+            for x, y, _ in batches:
+                model.zero_grad(set_to_none=True)
+                run.module.train_step(model, x.to(run.device), y if run.kind == "det" else y.to(run.device),
+                                      list(range(T)), margs, run.device)
+                for k, block in enumerate(block_modules(model)):
+                    grads[k].append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                                               for p in block.parameters()]).cpu())
+            for k in range(T):
+                rows.append({"T": T, "method": method, "block": k + 1, "grad_var": grad_variance(grads[k])})
+            first, last = rows[-T]["grad_var"], rows[-1]["grad_var"]
+            print(f"grad-variance  T={T} {method}: block 1 / block {T} = {first / max(last, 1e-30):.3f}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, T in zip(axes, (4, 6)):
+        for method in ("fm", "bp"):
+            sub = [r for r in rows if r["T"] == T and r["method"] == method]
+            ax.semilogy([r["block"] for r in sub], [r["grad_var"] for r in sub], "o-", label=method)
+        ax.set_xlabel("block")
+        ax.set_ylabel("gradient variance (mean over parameters)")
+        ax.set_title(f"T = {T}")
+        ax.legend()
+    return rows, fig
+
+
+def _in_ch(run):
+    return 1 if getattr(run.args, "dataset", "") in ("digits", "mnist") else 3
+
+
+def mode_curves(runs, args):
+    rows = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for run_path in [r.path for r in runs]:
+        log = os.path.splitext(run_path)[0] + ".jsonl"
+        records = [json.loads(line) for line in open(log) if line.strip()]
+        metric = next(m for m in ("map50", "acc_ensemble", "acc") if m in records[-1])
+        label = os.path.basename(run_path)
+        axes[0].plot([r["epoch"] for r in records], [r[metric] for r in records], "o-", ms=3, label=f"{label} ({metric})")
+        axes[1].plot([r["epoch"] for r in records], [r["loss"] for r in records], "o-", ms=3, label=label)
+        rows += [{"ckpt": run_path, "epoch": r["epoch"], "metric": metric, "value": r[metric], "loss": r["loss"]}
+                 for r in records]
+        print(f"curves  {label}: {len(records)} epochs, last {metric} {records[-1][metric]:.4f}")
+    axes[0].set_ylabel("validation metric")
+    axes[1].set_ylabel("training loss")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend()
+    return rows, fig
+
+
+def fake_batch(module, margs, bs, device):
+    """A batch of the script's input format: images and labels (classification) or targets (detection)."""
+    g = torch.Generator().manual_seed(0)
+    if module.__name__ == "train_det_voc":
+        x = torch.randn(bs, 3, margs.img_size, margs.img_size, generator=g)
+        targets = []
+        for _ in range(bs):
+            n = 4
+            cxcy, wh = torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.1
+            targets.append({"labels": torch.randint(0, 20, (n,), generator=g), "boxes_norm": torch.cat([cxcy, wh], 1)})
+        return x.to(device), targets, 20
+    size = margs.img_size or getattr(module, "IMG_SIZE", {}).get(margs.dataset, 32)
+    in_ch = 1 if margs.dataset in ("digits", "mnist") else 3
+    return torch.randn(bs, in_ch, size, size, generator=g).to(device), torch.randint(0, 10, (bs,), generator=g).to(device), 10
+
+
+def mode_memory(args, extra, device):
+    module = importlib.import_module(os.path.basename(args.script)[:-3])
+    rows = []
+    for method in ("fm", "bp"):
+        for T in [int(t) for t in args.Ts.split(",")]:
+            argv = extra + ["--method", method, "--T", str(T), "--mode", "parallel"]
+            if module.__name__ == "train_det_voc" and "--weights" not in extra:
+                argv.append("--no-pretrained")
+            if module.__name__ == "finetune_vit" and "--weights" not in extra:
+                argv.append("--no-pretrained")
+            margs = module.apply_method_defaults(module.get_args_parser().parse_args(argv), argv)
+            margs.amp = getattr(margs, "amp", False)
+            x, y, classes = fake_batch(module, margs, args.mem_bs, device)
+            params = inspect.signature(module.build_model).parameters
+            torch.manual_seed(0)
+            model = module.build_model(margs, classes, *([x.shape[1]] if "in_ch" in params else [])).to(device).train()
+            step = lambda m: module.train_step(m, x, y, list(range(T)), margs, device)  # noqa: E731
+            peak = core.measure_step_memory(step, model, device)
+            step(model)  # warm-up, then time the median of three steps
+            times = []
+            for _ in range(3):
+                model.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                step(model)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+            rows.append({"script": os.path.basename(args.script), "method": method, "T": T, "peak_bytes": peak,
+                         "step_seconds": float(np.median(times))})
+            print(f"memory  {method} T={T:2d}: peak {peak / 2**20:8.1f} MiB   step {rows[-1]['step_seconds']:.3f} s")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in ("fm", "bp"):
+        sub = [r for r in rows if r["method"] == method]
+        axes[0].plot([r["T"] for r in sub], [r["peak_bytes"] / 2**20 for r in sub], "o-", label=method)
+        axes[1].plot([r["T"] for r in sub], [r["step_seconds"] for r in sub], "o-", label=method)
+    what = "CUDA peak" if device.type == "cuda" else "saved activations"
+    axes[0].set_ylabel(f"peak training-step memory, MiB ({what})")
+    axes[1].set_ylabel("step time, s")
+    for ax in axes:
+        ax.set_xlabel("number of blocks T")
+        ax.legend()
+    fig.suptitle(f"{os.path.basename(args.script)}, batch {args.mem_bs}")
+    return rows, fig
+
+
+def main(args, extra):
+    device = core.get_device(args.device)
+    modes = [m for m in ("probe", "inference", "geometry", "refinement", "grad_variance", "curves", "memory")
+             if getattr(args, m)]
+    if not modes:
+        sys.exit("error: choose at least one mode (--probe, --inference, --geometry, --refinement, --grad-variance, "
+                 "--curves, --memory)")
+    if set(modes) - {"memory"} and not args.ckpt:
+        sys.exit("error: every mode but --memory needs --ckpt")
+    if extra and "memory" not in modes:
+        sys.exit(f"error: unrecognized arguments: {' '.join(extra)}")
+    try:
+        runs = [Run(path, device) for path in args.ckpt]
+    except (core.CheckpointError, core.DataError) as e:
+        sys.exit(f"error: {e}")
+    outdir = args.outdir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt[0] if args.ckpt else ".")), "analysis")
+    os.makedirs(outdir, exist_ok=True)
+    results = {}
+    for mode in modes:
+        try:
+            if mode == "memory":
+                rows, fig = mode_memory(args, extra, device)
+            else:
+                rows, fig = globals()[f"mode_{mode}"](runs, args)
+        except core.DataError as e:
+            sys.exit(f"error: {e}")
+        with open(os.path.join(outdir, f"{mode}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(os.path.join(outdir, f"{mode}.png"), dpi=120)
+            plt.close(fig)
+        results[mode] = rows
+    print(f"wrote {', '.join(m + '.json' for m in modes)} and plots to {outdir}")
+    return results
+
+
+if __name__ == "__main__":
+    parsed, unknown = get_args_parser().parse_known_args()
+    main(parsed, unknown)
