@@ -354,10 +354,13 @@ class ClassEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Path, time sampling and local loss
 # ----------------------------------------------------------------------------------------------
-def sample_t(n, head, T, time_split, device):
-    """t ~ U[0, 1] per sample, or with time_split U[k/T, (k+1)/T) for head k (the interval it owns
-    in multi-step inference, eq. 24). Returns [n]."""
+def sample_t(n, head, T, time_split, device, dist="uniform"):
+    """t per sample: 'uniform' U[0, 1] (the paper); 'early' u^2 (density 1 / (2 sqrt t): more training
+    where z_t says little about z1 and the head must read the image); 'zero' t = 0 always (each head
+    learns the one-step map z0 -> z1 used by single-step and ensemble inference). With time_split,
+    head k draws from [k/T, (k+1)/T), the interval it owns in multi-step inference (eq. 24). [n]."""
     u = torch.rand(n, device=device)
+    u = {"uniform": u, "early": u * u, "zero": torch.zeros_like(u)}[dist]
     if not time_split:
         return u
     return (head + u) / T
@@ -377,7 +380,7 @@ def endpoint(zt, v, t):
 
 
 def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_min=0.0,
-                       reduction="mean", detach_target=False, z0=None, t=None):
+                       reduction="mean", detach_target=False, z0=None, t=None, t_dist="uniform"):
     """The flow part of head k's local loss.
 
     head(zt, feat, t) -> v. z1: [B, ...] targets. Returns (mse, z1_hat).
@@ -390,7 +393,7 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
     """
     z1_flow = z1.detach() if detach_target else z1
     z0 = torch.randn_like(z1) if z0 is None else z0
-    t = sample_t(z1.shape[0], head_index, T, time_split, z1.device) if t is None else t
+    t = sample_t(z1.shape[0], head_index, T, time_split, z1.device, t_dist) if t is None else t
     zt, u = path(z0, z1_flow, t, sigma_min)
     v = head(zt, feat, t)
     err = (v - u).to(torch.promote_types(v.dtype, torch.float32)) ** 2  # fp32 at least, also under bf16

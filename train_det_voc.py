@@ -70,6 +70,9 @@ def get_args_parser():
     p.add_argument("--coupling", default="index", choices=["index", "ot"], help="object-to-slot assignment")
     p.add_argument("--time-split", action="store_true", help="block k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
+    p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
+                   help="training t: U[0,1] (paper), u^2 (more small t), or 0 (one-step map)")
+    p.add_argument("--z0-std", type=float, default=1.0, help="std of the noise z0 (paper: 1)")
     p.add_argument("--flow-weight", type=float, default=0.1, help="weight of the flow MSE (paper 0.1)")
     p.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
     # model
@@ -554,16 +557,16 @@ def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
     return ce + 5 * l1 + 2 * giou
 
 
-def block_loss(model, k, feats, targets, args):
-    """Loss of flow block k: 0.1 x flow MSE + detection loss on the decoded z1_hat."""
-    device = feats[0].device
-    classes, boxes, _ = slot_targets(targets, args.slots, model.num_classes, device)
+def block_loss(model, k, feats, targets, slots, args):
+    """Loss of flow block k: 0.1 x flow MSE + detection loss on the decoded z1_hat.
+    slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch."""
+    classes, boxes = slots
     z1 = model.targets(classes, boxes)
-    z0 = torch.randn_like(z1)
+    z0 = torch.randn_like(z1) * args.z0_std
     if args.coupling == "ot":
         z1, classes = ot_coupling(z0, z1, classes, model.num_classes)
     mse, z1_hat = core.flow_matching_loss(model.heads[k], feats[0], z1, k, model.T, args.time_split, args.sigma_min,
-                                          detach_target=model.guard, z0=z0)
+                                          detach_target=model.guard, z0=z0, t_dist=args.t_dist)
     logits, pred_boxes = model.decode(z1_hat)
     return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
 
@@ -588,28 +591,38 @@ def postprocess(logits, boxes, sizes, score_thresh=0.05, nms_iou=0.5):
 
 
 @torch.no_grad()
-def predict(model, x, index, args, steps=None, return_path=False):
-    """fm: Euler over T steps from per-image seeded z0 (block k on step k); bp: one forward.
-    Returns (logits, boxes), or with return_path the decoded latent after every step."""
+def predict(model, x, index, args, steps=None, return_path=False, mode="euler"):
+    """fm: Euler over T steps from per-image seeded z0 (block k on step k), or with mode='ensemble'
+    the mean of the T single-step estimates z0 + v_k(z0, 0) (eqs. 27-28); bp: one forward.
+    Returns (logits, boxes), or with return_path the decoded latent after every Euler step."""
     if args.method == "bp":
         return model(x)
     feats = model.backbone(x)
-    z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device)
+    z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device) * getattr(args, "z0_std", 1.0)
     velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
+    if mode == "ensemble":
+        return model.decode(core.ensemble(velocity, z0, model.T))
     z, path = core.integrate(velocity, z0, model.T, steps, return_path=True)
     return [model.decode(p) for p in path] if return_path else model.decode(z)
 
 
 def evaluate(model, loader, args, device, num_classes):
+    """map50 / map50_area with the paper's Euler inference; fm also map50_ensemble (single steps averaged)."""
     model.eval()
-    dets, gts = [], []
-    for step, (x, targets, index) in enumerate(loader):
-        with core.autocast(device, args.amp):
-            logits, boxes = predict(model, x.to(device), index, args)
-        dets += postprocess(logits, boxes, [t["size"] for t in targets], args.score_thresh, args.nms)
+    modes = ["euler"] + (["ensemble"] if args.method == "fm" else [])
+    dets, gts = {m: [] for m in modes}, []
+    for x, targets, index in loader:
+        sizes = [t["size"] for t in targets]
+        for mode in modes:
+            with core.autocast(device, args.amp):
+                logits, boxes = predict(model, x.to(device), index, args, mode=mode)
+            dets[mode] += postprocess(logits, boxes, sizes, args.score_thresh, args.nms)
         gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
-    return {"map50": voc_eval(dets, gts, num_classes)["map"],
-            "map50_area": voc_eval(dets, gts, num_classes, use_07_metric=False)["map"]}
+    out = {"map50": voc_eval(dets["euler"], gts, num_classes)["map"],
+           "map50_area": voc_eval(dets["euler"], gts, num_classes, use_07_metric=False)["map"]}
+    if "ensemble" in dets:
+        out["map50_ensemble"] = voc_eval(dets["ensemble"], gts, num_classes)["map"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,7 +639,8 @@ def train_step(model, x, targets, blocks, args, device):
             loss.backward()
             return {"loss": loss.item()}
         feats = model.backbone(x)
-        losses = core.blockwise_backward(feats, blocks, lambda k, f: block_loss(model, k, f, targets, args))
+        slots = slot_targets(targets, args.slots, model.num_classes, x.device)[:2]
+        losses = core.blockwise_backward(feats, blocks, lambda k, f: block_loss(model, k, f, targets, slots, args))
     return {"loss": sum(losses.values()) / len(losses), **{f"loss_b{k}": v for k, v in losses.items()}}
 
 
@@ -656,7 +670,7 @@ def main(args):
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
     start_epoch = 0
     if args.resume:
-        arch = ("method", "dataset", "T", "backbone", "dim", "slots", "nheads", "ffn", "img_size", "no_guard")
+        arch = ("method", "dataset", "T", "backbone", "dim", "slots", "nheads", "ffn", "img_size", "no_guard", "z0_std")
         try:
             state = core.load_for_resume(args.out, os.path.basename(__file__), vars(args), arch)
         except core.CheckpointError as e:
@@ -710,7 +724,9 @@ def main(args):
         record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, **metrics,
                   "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak}
         print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} map50 {metrics['map50']:.4f} "
-              f"map50_area {metrics['map50_area']:.4f} ({record['time']:.1f}s)")
+              f"map50_area {metrics['map50_area']:.4f}" + (f" map50_ensemble {metrics['map50_ensemble']:.4f}"
+                                                           if "map50_ensemble" in metrics else "")
+              + f" ({record['time']:.1f}s)")
         with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
             f.write(json.dumps(record) + "\n")
         core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
