@@ -23,6 +23,7 @@ import sys
 import time
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -207,7 +208,17 @@ def mode_probe(runs, args):
                            ks=(1, run.topk))
         rows.append({"ckpt": run.path, "method": run.args.method, **acc})
         print(f"probe  {run.path}: top-1 {acc['top1']:.4f}  top-{run.topk} {acc[f'top{run.topk}']:.4f}")
-    return rows, None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = np.arange(len(rows))
+    ax.bar(xs - 0.2, [r["top1"] for r in rows], 0.4, label="top-1")
+    ax.bar(xs + 0.2, [next(v for k, v in r.items() if k.startswith("top") and k != "top1") for r in rows], 0.4,
+           label="top-k")
+    ax.set_xticks(xs, [f"{os.path.basename(r['ckpt'])} ({r['method']})" for r in rows])
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel("linear probe test accuracy")
+    ax.set_title("Linear probe on frozen backbone features")
+    ax.legend()
+    return rows, fig
 
 
 @torch.no_grad()
@@ -501,6 +512,9 @@ def main(args, extra):
         with open(os.path.join(outdir, f"{mode}.json"), "w") as f:
             json.dump(rows, f, indent=1)
         if fig is not None:
+            if mode not in ("probe", "inference"):  # stages, steps, blocks, epochs and T are whole numbers
+                for ax in fig.axes:
+                    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             fig.tight_layout()
             fig.savefig(os.path.join(outdir, f"{mode}.png"), dpi=120)
             plt.close(fig)

@@ -678,7 +678,7 @@ def test_analyze_modes_on_a_digits_checkpoint(tmp_path):
     folder = tmp_path / "analysis"
     for mode in ("probe", "inference", "geometry", "refinement", "curves", "grad_variance"):
         assert (folder / f"{mode}.json").exists(), mode
-    for mode in ("inference", "geometry", "refinement", "curves", "grad_variance"):
+    for mode in ("probe", "inference", "geometry", "refinement", "curves", "grad_variance"):
         assert (folder / f"{mode}.png").stat().st_size > 1000, mode
     modes = {r["mode"] for r in results["inference"]}
     assert {"head0", "head1", "ensemble", "euler_T", "euler_2T", "euler_4T", "heun_T"} <= modes
