@@ -22,10 +22,8 @@ import math
 import os
 import random
 import tempfile
-from contextlib import contextmanager
 
 import numpy as np
-import timm.layers
 import timm.models.vision_transformer
 import torch
 import torch.nn as nn
@@ -328,9 +326,9 @@ class ClassEmbedding(nn.Module):
       1. rows are used through a fixed-radius projection, z1 = radius * W[y] / ||W[y]||, so the
          targets can neither shrink to a point nor grow without bound (radius = sqrt(d), the typical
          norm of z0, so source and target have the same scale);
-      2. the flow MSE sees z1 with a stop-gradient (the caller uses `target(y).detach()` in the MSE,
-         see `flow_matching_loss`); the embedding is shaped by the anchor cross-entropy only, whose
-         gradient pushes class targets apart.
+      2. the flow MSE sees z1 through a stop-gradient (`flow_matching_loss(..., detach_target=True)`,
+         which FlowClassifier passes when the guard is on); the embedding is shaped by the anchor
+         cross-entropy only, whose gradient pushes class targets apart.
     guard=False gives the plain learnable table the paper describes; `test_core.py` shows it
     collapsing under the flow loss and the guarded one keeping its classes apart.
     """
@@ -490,6 +488,31 @@ def blockwise_backward(features, head_ids, head_loss):
     if pairs:
         torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
     return losses
+
+
+def classifier_step(model, x, y, heads, device, amp=False, lam=1.0, time_split=False, sigma_min=0.0,
+                    reduction="mean"):
+    """One training step without the optimiser, for classification.
+
+    FlowClassifier: backbone forward once, then `blockwise_backward` over `heads` (all T in the
+    parallel schedule, [k] in the sequential one) with each head's local loss, then the detached
+    probe. Any other model (the bp baselines): cross-entropy of model(x), one joint backward.
+    Returns {'loss': mean head loss, 'probe', 'loss_h{k}'} or {'loss'}; NonFiniteLoss on NaN/inf.
+    """
+    with autocast(device, amp):
+        if not isinstance(model, FlowClassifier):
+            loss = F.cross_entropy(model(x).float(), y)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLoss("bp", loss.item())
+            loss.backward()
+            return {"loss": loss.item()}
+        feats = model.backbone(x)
+        losses = blockwise_backward(feats, heads, lambda k, f: model.head_loss(
+            k, f, y, lam, time_split, sigma_min, reduction))
+        probe = model.probe_loss(feats, y)
+    probe.backward()
+    return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(),
+            **{f"loss_h{k}": v for k, v in losses.items()}}
 
 
 def clip_and_step(optimizer, params, clip=1.0):

@@ -35,7 +35,6 @@ import time
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -211,20 +210,9 @@ def build_data(args, backbone):
 # Training
 # ----------------------------------------------------------------------------------------------
 def train_step(model, x, y, heads, args, device):
-    """Forward + block-wise (fm) or joint (bp) backward; returns the losses."""
-    with core.autocast(device, args.amp):
-        if args.method == "bp":
-            loss = F.cross_entropy(model(x).float(), y)
-            if not torch.isfinite(loss):
-                raise core.NonFiniteLoss("bp", loss.item())
-            loss.backward()
-            return {"loss": loss.item()}
-        feats = model.backbone(x)
-        losses = core.blockwise_backward(feats, heads, lambda k, f: model.head_loss(
-            k, f, y, args.lam, args.time_split, args.sigma_min, args.mse))
-        probe = model.probe_loss(feats, y)
-    probe.backward()
-    return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(), **{f"loss_h{k}": v for k, v in losses.items()}}
+    """Forward + block-wise (fm) or joint (bp) backward, no optimiser step (core.classifier_step)."""
+    return core.classifier_step(model, x, y, heads, device, args.amp, args.lam if args.method == "fm" else 1.0,
+                                args.time_split, args.sigma_min, args.mse)
 
 
 def evaluate(model, loader, args, device):

@@ -7,7 +7,6 @@ end-to-end runs of the scripts on the offline digits data, resume, and user-erro
 import copy
 import os
 import struct
-import sys
 
 import numpy as np
 import pytest
