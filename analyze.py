@@ -136,19 +136,19 @@ class Run:
         for key, value in (("pretrained", False), ("weights", None), ("no_pretrained", True)):
             if hasattr(self.args, key):
                 setattr(self.args, key, value)
-        self.model = self.build(self.args, state)
+        self.num_classes, self.in_ch = state["num_classes"], state.get("in_ch")
+        self.model = self.build(self.args)
         if state.get("ema"):  # the weights the run evaluated and reported (AveragedModel keys: module.*)
             self.model.load_state_dict({k[7:]: v for k, v in state["ema"].items() if k.startswith("module.")})
         else:
             self.model.load_state_dict(state["model"])
         self.model.to(device).eval()
-        self.num_classes = state["num_classes"]
         self.log = os.path.splitext(path)[0] + ".jsonl"
 
-    def build(self, args, state):
-        params = inspect.signature(self.module.build_model).parameters
-        extra = [state["in_ch"]] if "in_ch" in params else []
-        return self.module.build_model(args, state["num_classes"], *extra)
+    def build(self, args):
+        """The script's model for `args` (the classification scripts also take the input channels)."""
+        extra = [self.in_ch] if "in_ch" in inspect.signature(self.module.build_model).parameters else []
+        return self.module.build_model(args, self.num_classes, *extra)
 
     def data(self):
         """(train, test) with the test transform on both (no augmentation for frozen features)."""
@@ -369,8 +369,7 @@ def mode_grad_variance(runs, args):
         for method in ("fm", "bp"):
             margs = argparse.Namespace(**{**vars(run.args), "T": T, "method": method, "mode": "parallel"})
             torch.manual_seed(0)
-            model = run.build(margs, {"num_classes": run.num_classes, "in_ch": getattr(run.model, "in_ch", None)
-                                      or _in_ch(run)}).to(run.device)
+            model = run.build(margs).to(run.device)
             model.load_state_dict(backbone_state, strict=False)
             model.train()
             grads = [[] for _ in range(T)]
@@ -395,10 +394,6 @@ def mode_grad_variance(runs, args):
         ax.set_title(f"T = {T}")
         ax.legend()
     return rows, fig
-
-
-def _in_ch(run):
-    return 1 if getattr(run.args, "dataset", "") in ("digits", "mnist") else 3
 
 
 def mode_curves(runs, args):

@@ -137,6 +137,29 @@ def load_for_resume(path, script, args, arch):
     return state
 
 
+def start_or_resume(out, script, args, arch, resume, model, optimizer, scheduler, ema=None):
+    """Begin a run at `out`, or with resume=True restore model, optimiser, scheduler, EMA and RNG
+    states from it (checked with load_for_resume) and cut its JSON-lines log back to the
+    checkpoint's epoch. Refuses to start over an existing checkpoint. Returns the first epoch to
+    run; CheckpointError with one line on any problem."""
+    log_path = os.path.splitext(out)[0] + ".jsonl"
+    if not resume:
+        if os.path.exists(out):
+            raise CheckpointError(f"{out} exists; pass --resume to continue it or choose another --out")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        open(log_path, "w").close()
+        return 0
+    state = load_for_resume(out, script, args, arch)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    set_rng_state(state["rng"])
+    truncate_log(log_path, state["epoch"] + 1)
+    return state["epoch"] + 1
+
+
 def rng_state():
     """All RNG states, in types that torch.load(weights_only=True) accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

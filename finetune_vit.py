@@ -247,24 +247,12 @@ def main(args):
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps_per_epoch, args.epochs * steps_per_epoch)
 
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
-    start_epoch = 0
-    if args.resume:
-        arch = ("method", "model", "T", "dataset", "img_size", "patch", "no_guard")
-        try:
-            state = core.load_for_resume(args.out, os.path.basename(__file__), vars(args), arch)
-        except core.CheckpointError as e:
-            sys.exit(f"error: {e}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        core.set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        core.truncate_log(log_path, start_epoch)
-    elif os.path.exists(args.out):
-        sys.exit(f"error: {args.out} exists; pass --resume to continue it or choose another --out")
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        open(log_path, "w").close()
+    arch = ("method", "model", "T", "dataset", "img_size", "patch", "no_guard")
+    try:
+        start_epoch = core.start_or_resume(args.out, os.path.basename(__file__), vars(args), arch, args.resume,
+                                           model, optimizer, scheduler)
+    except core.CheckpointError as e:
+        sys.exit(f"error: {e}")
 
     print(f"{args.method} fine-tuning {args.model} on {args.dataset}: T={args.T} mode={args.mode} "
           f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device} batch={args.bs}")

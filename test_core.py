@@ -695,3 +695,12 @@ def test_analyze_memory_fm_flat_in_T_bp_growing(tmp_path):
     assert abs(peak["fm", 8] / peak["fm", 2] - 1) <= 0.05 and peak["bp", 8] >= 2 * peak["bp", 2]
     assert set(rows[0]) == {"script", "method", "T", "peak_bytes", "step_seconds"}
     assert (tmp_path / "memory.json").exists() and (tmp_path / "memory.png").exists()
+
+
+def test_detection_refuses_sequential_mode_with_bp(tmp_path):
+    data = str(tmp_path / "data")
+    det.write_minivoc(data, n_train=4, n_test=2)
+    message = exit_message(det, SMALL_DET + ["--method", "bp", "--mode", "sequential", "--data", data,
+                                             "--out", str(tmp_path / "d.pt")])
+    assert "--mode sequential" in message and not (tmp_path / "d.pt").exists()
+    assert parse(det, ["--method", "bp"]).mode == "parallel"  # bp alone takes the schedule it can run

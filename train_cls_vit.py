@@ -238,27 +238,13 @@ def main(args):
     ema = core.make_ema(model, args.ema) if args.ema > 0 else None
 
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
-    start_epoch = 0
-    if args.resume:
-        arch = ("method", "head", "T", "dim", "depth", "heads", "patch", "stem", "hidden", "head_blocks", "dataset",
-                "img_size", "no_guard")
-        try:
-            state = core.load_for_resume(args.out, os.path.basename(__file__), vars(args), arch)
-        except core.CheckpointError as e:
-            sys.exit(f"error: {e}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        core.set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        core.truncate_log(log_path, start_epoch)
-    elif os.path.exists(args.out):
-        sys.exit(f"error: {args.out} exists; pass --resume to continue it or choose another --out")
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        open(log_path, "w").close()
+    arch = ("method", "head", "T", "dim", "depth", "heads", "patch", "stem", "hidden", "head_blocks", "dataset",
+            "img_size", "no_guard")
+    try:
+        start_epoch = core.start_or_resume(args.out, os.path.basename(__file__), vars(args), arch, args.resume,
+                                           model, optimizer, scheduler, ema)
+    except core.CheckpointError as e:
+        sys.exit(f"error: {e}")
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.method} on {args.dataset}: ViT[{args.dim} {args.depth} {args.heads}] T={args.T} mode={args.mode} "

@@ -114,6 +114,8 @@ def apply_method_defaults(args, argv):
     if args.epochs is None:
         args.epochs = 30 if minivoc else 50
     given = {a.split("=")[0] for a in argv}
+    if args.method == "bp" and "--mode" not in given:  # the default schedule is for flow blocks
+        args.mode = "parallel"
     if minivoc and "--lr-backbone" not in given:  # minivoc trains its backbone from scratch
         args.lr_backbone = args.lr
     return args
@@ -647,7 +649,7 @@ def train_step(model, x, targets, blocks, args, device):
 def main(args):
     device = core.get_device(args.device)
     core.seed_everything(args.seed)
-    if args.method == "bp" and args.mode == "sequential" and "--mode" in sys.argv:
+    if args.method == "bp" and args.mode == "sequential":
         sys.exit("error: --mode sequential trains flow blocks one at a time; it does not apply to --method bp")
     try:
         train_set, test_set, classes = build_data(args)
@@ -668,24 +670,12 @@ def main(args):
     passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1
 
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
-    start_epoch = 0
-    if args.resume:
-        arch = ("method", "dataset", "T", "backbone", "dim", "slots", "nheads", "ffn", "img_size", "no_guard", "z0_std")
-        try:
-            state = core.load_for_resume(args.out, os.path.basename(__file__), vars(args), arch)
-        except core.CheckpointError as e:
-            sys.exit(f"error: {e}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        core.set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        core.truncate_log(log_path, start_epoch)
-    elif os.path.exists(args.out):
-        sys.exit(f"error: {args.out} exists; pass --resume to continue it or choose another --out")
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        open(log_path, "w").close()
+    arch = ("method", "dataset", "T", "backbone", "dim", "slots", "nheads", "ffn", "img_size", "no_guard", "z0_std")
+    try:
+        start_epoch = core.start_or_resume(args.out, os.path.basename(__file__), vars(args), arch, args.resume,
+                                           model, optimizer, scheduler)
+    except core.CheckpointError as e:
+        sys.exit(f"error: {e}")
 
     overflow = sum(len(train_set.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
     print(f"{args.method} on {args.dataset}: {args.backbone} T={args.T} mode={args.mode} coupling={args.coupling} "
