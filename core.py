@@ -18,16 +18,24 @@ Heun, midpoint) inference, and the small utilities every script needs (device, s
 noise, atomic checkpoints, a saved-activation meter). Datasets, backbones, task losses for detection
 and the epoch loop live in the scripts.
 """
+import json
 import math
 import os
 import random
+import signal
+import sys
 import tempfile
+import time
 
 import numpy as np
 import timm.models.vision_transformer
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +68,19 @@ def noise_for(indices, shape, seed=0, device="cpu"):
         gen.manual_seed(seed * 1_000_003 + int(idx))
         out[row] = torch.randn(shape, generator=gen)
     return out.to(device)
+
+
+def train_noise(indices, key, shape, device="cpu"):
+    """Training noise per sample: (z0 [B, *shape] ~ N(0, I), u [B] ~ U[0, 1)), a function of `key`
+    (e.g. (seed, epoch, pass, head)) and the sample's dataset index only. A global batch split over
+    several processes therefore draws exactly what one process draws for the whole batch."""
+    gen = torch.Generator()
+    z0, u = torch.empty((len(indices), *shape)), torch.empty(len(indices))
+    for row, idx in enumerate(indices.tolist()):
+        gen.manual_seed(hash((*key, int(idx))) % (2 ** 63))  # ints and tuples of ints hash deterministically
+        z0[row] = torch.randn(shape, generator=gen)
+        u[row] = torch.rand((), generator=gen)
+    return z0.to(device), u.to(device)
 
 
 class WithIndex(torch.utils.data.Dataset):
@@ -118,7 +139,6 @@ def truncate_log(path, epochs):
     log line and its checkpoint would otherwise log that epoch twice)."""
     if not os.path.exists(path):
         return
-    import json
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= epochs]
     with open(path, "w") as f:
@@ -140,24 +160,30 @@ def load_for_resume(path, script, args, arch):
 def start_or_resume(out, script, args, arch, resume, model, optimizer, scheduler, ema=None):
     """Begin a run at `out`, or with resume=True restore model, optimiser, scheduler, EMA and RNG
     states from it (checked with load_for_resume) and cut its JSON-lines log back to the
-    checkpoint's epoch. Refuses to start over an existing checkpoint. Returns the first epoch to
-    run; CheckpointError with one line on any problem."""
+    checkpoint's epoch. Refuses to start over an existing checkpoint. Returns (first epoch to run,
+    the position inside it when the checkpoint was saved mid-epoch by a preempted run, else None);
+    CheckpointError with one line on any problem. Only the main process touches the log."""
     log_path = os.path.splitext(out)[0] + ".jsonl"
     if not resume:
         if os.path.exists(out):
             raise CheckpointError(f"{out} exists; pass --resume to continue it or choose another --out")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        open(log_path, "w").close()
-        return 0
+        if is_main():
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            open(log_path, "w").close()
+        return 0, None
     state = load_for_resume(out, script, args, arch)
+    partial = state.get("partial")
+    if partial and partial["world"] != world_size():
+        raise CheckpointError(f"{out} was saved mid-epoch by {partial['world']} process(es); resume it with as many")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
     set_rng_state(state["rng"])
-    truncate_log(log_path, state["epoch"] + 1)
-    return state["epoch"] + 1
+    if is_main():
+        truncate_log(log_path, state["epoch"] + 1)
+    return state["epoch"] + 1, partial
 
 
 def rng_state():
@@ -375,12 +401,13 @@ class ClassEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Path, time sampling and local loss
 # ----------------------------------------------------------------------------------------------
-def sample_t(n, head, T, time_split, device, dist="uniform"):
+def sample_t(n, head, T, time_split, device, dist="uniform", u=None):
     """t per sample: 'uniform' U[0, 1] (the paper); 'early' u^2 (density 1 / (2 sqrt t): more training
     where z_t says little about z1 and the head must read the image); 'zero' t = 0 always (each head
     learns the one-step map z0 -> z1 used by single-step and ensemble inference). With time_split,
-    head k draws from [k/T, (k+1)/T), the interval it owns in multi-step inference (eq. 24). [n]."""
-    u = torch.rand(n, device=device)
+    head k draws from [k/T, (k+1)/T), the interval it owns in multi-step inference (eq. 24).
+    u: the U[0, 1) draws to use ([n], e.g. from `train_noise`); fresh ones when None. Returns [n]."""
+    u = torch.rand(n, device=device) if u is None else u
     u = {"uniform": u, "early": u * u, "zero": torch.zeros_like(u)}[dist]
     if not time_split:
         return u
@@ -447,10 +474,15 @@ class FlowClassifier(nn.Module):
     def T(self):
         return len(self.heads)
 
-    def head_loss(self, k, feats, y, lam=1.0, time_split=False, sigma_min=0.0, reduction="mean"):
-        """L_k = MSE + lam * CE(W_cls^T z1_hat, y) (eq. 19) for head k on backbone features `feats`."""
+    def head_loss(self, k, feats, y, lam=1.0, time_split=False, sigma_min=0.0, reduction="mean", t_dist="uniform",
+                  noise=None):
+        """L_k = MSE + lam * CE(W_cls^T z1_hat, y) (eq. 19) for head k on backbone features `feats`.
+        noise: (z0 [B, d], u [B]) from `train_noise`, or None for fresh draws."""
+        z0, u = noise if noise is not None else (None, None)
+        t = sample_t(len(y), k, self.T, time_split, y.device, t_dist, u)
         mse, z1_hat = flow_matching_loss(self.heads[k], feats[self.head_stage[k]], self.embed(y), k, self.T,
-                                         time_split, sigma_min, reduction, detach_target=self.embed.guard)
+                                         time_split, sigma_min, reduction, detach_target=self.embed.guard,
+                                         z0=z0, t=t)
         ce = F.cross_entropy(self.logits(z1_hat), y)
         return mse + lam * ce
 
@@ -483,7 +515,7 @@ class NonFiniteLoss(RuntimeError):
         self.head = head
 
 
-def blockwise_backward(features, head_ids, head_loss):
+def blockwise_backward(features, head_ids, head_loss, all_features=False):
     """Accumulate the gradients of sum_k head_loss(k) holding at most one head's graph at a time.
 
     features: list of backbone outputs, still attached to the backbone's graph.
@@ -497,6 +529,8 @@ def blockwise_backward(features, head_ids, head_loss):
     through the backbone with the accumulated feature gradient. Peak saved activations = backbone +
     one head, whatever T is, and the backbone gradient equals that of the summed losses (chain rule:
     d sum_k L_k / d phi = (sum_k d L_k / d f) d f / d phi). Returns {k: loss value}.
+    all_features: the final backward also runs from features no head read (zero gradient), so every
+    backbone parameter gets a gradient; DDP needs that to reduce once and never wait on a missing one.
     """
     leaves = [f.detach().requires_grad_(f.requires_grad) for f in features]
     losses = {}
@@ -507,31 +541,38 @@ def blockwise_backward(features, head_ids, head_loss):
             raise NonFiniteLoss(k, value)
         loss.backward()
         losses[k] = value
-    pairs = [(f, leaf.grad) for f, leaf in zip(features, leaves) if leaf.grad is not None]
+    pairs = [(f, leaf.grad if leaf.grad is not None else torch.zeros_like(f))
+             for f, leaf in zip(features, leaves) if f.requires_grad and (leaf.grad is not None or all_features)]
     if pairs:
         torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
     return losses
 
 
-def classifier_step(model, x, y, heads, device, amp=False, lam=1.0, time_split=False, sigma_min=0.0,
-                    reduction="mean"):
+def classifier_step(model, x, y, heads, device, opts, forward=None, index=None, noise_key=None):
     """One training step without the optimiser, for classification.
 
     FlowClassifier: backbone forward once, then `blockwise_backward` over `heads` (all T in the
     parallel schedule, [k] in the sequential one) with each head's local loss, then the detached
     probe. Any other model (the bp baselines): cross-entropy of model(x), one joint backward.
+    opts: the script's flags (amp, lam, time_split, sigma_min, mse, t_dist).
+    forward: what runs the backbone (fm) or the whole model (bp); the DDP wrapper under torchrun.
+    index, noise_key: per-sample training noise (`train_noise`) when given, fresh draws otherwise.
     Returns {'loss': mean head loss, 'probe', 'loss_h{k}'} or {'loss'}; NonFiniteLoss on NaN/inf.
     """
-    with autocast(device, amp):
+    with autocast(device, opts.amp):
         if not isinstance(model, FlowClassifier):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy((forward or model)(x).float(), y)
             if not math.isfinite(loss.item()):
                 raise NonFiniteLoss("bp", loss.item())
             loss.backward()
             return {"loss": loss.item()}
-        feats = model.backbone(x)
-        losses = blockwise_backward(feats, heads, lambda k, f: model.head_loss(
-            k, f, y, lam, time_split, sigma_min, reduction))
+        feats = (forward or model.backbone)(x)
+
+        def head_loss(k, f):
+            noise = None if index is None else train_noise(index, (*noise_key, k), (model.dim,), device)
+            return model.head_loss(k, f, y, opts.lam, opts.time_split, opts.sigma_min, opts.mse,
+                                   getattr(opts, "t_dist", "uniform"), noise)
+        losses = blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
         probe = model.probe_loss(feats, y)
     probe.backward()
     return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(),
@@ -559,6 +600,264 @@ def warmup_cosine(optimizer, warmup_steps, total_steps):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop of every script: one device or torchrun/DDP, preemption, resume
+# ----------------------------------------------------------------------------------------------
+def init_distributed(device_name="auto"):
+    """This process's device. Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL
+    on CUDA with one GPU per process (cuda:LOCAL_RANK), gloo on CPU."""
+    device = get_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def _comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(values):
+    """Element-wise sum over processes of a list of numbers (the list itself with one process)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(items):
+    """The concatenation over processes (in rank order) of each process's list of picklable items."""
+    if world_size() == 1:
+        return list(items)
+    out = [None] * world_size()
+    dist.all_gather_object(out, list(items))
+    return [item for part in out for item in part]
+
+
+def shard(dataset):
+    """This process's share of an evaluation set: every world-th sample from its rank on, without the
+    padding DistributedSampler adds, so counts summed over processes equal one process's."""
+    return dataset if world_size() == 1 else Subset(dataset, range(rank(), len(dataset), world_size()))
+
+
+def epoch_batches(dataset, bs, epoch, seed, drop_last):
+    """This process's batches (lists of indices) for one pass over `dataset`. The order is a
+    permutation fixed by (seed, epoch), dealt round-robin to the processes (DistributedSampler, used
+    with one process too), so N processes at batch bs see the batches one process sees at N * bs."""
+    sampler = DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return list(BatchSampler(sampler, bs, drop_last))
+
+
+def steps_per_epoch(dataset, args):
+    """Optimiser steps per epoch (the sequential schedule makes T passes), for building schedulers."""
+    steps = len(epoch_batches(dataset, args.bs, 0, args.seed, len(dataset) > args.bs * world_size()))
+    steps = min(steps, args.max_steps) if args.max_steps else steps
+    return steps * (args.T if args.method == "fm" and args.mode == "sequential" else 1)
+
+
+def sync_gradients(params):
+    """Average the gradients of `params` over processes in one all-reduce: the flow heads and targets,
+    which sit outside DDP so that the block-wise step reduces once per optimiser step, not once per
+    head backward. A parameter no process touched keeps grad None (AdamW skips it, as with one
+    process); one that some process touched gets the average, zeros standing in for the others, so
+    a head that skipped a step cannot hang the rest."""
+    params = list(params)
+    if world_size() == 1 or not params:
+        return
+    flags = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                     + [flags])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, touched in zip(params, flat[-len(params):].tolist()):
+        n = p.numel()
+        p.grad = (flat[offset:offset + n] / world_size()).view_as(p).to(p.dtype) if touched else None
+        offset += n
+
+
+def replica_difference(model):
+    """Largest |parameter - rank 0's| over all parameters and processes; 0 when replicas agree."""
+    if world_size() == 1:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()]).to(_comm_device())
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+class Preemption:
+    """SIGTERM, the way schedulers preempt jobs, only sets a flag (`with Preemption() as p:`); the
+    loop asks p.requested() after each step, which agrees across processes, then saves and exits."""
+
+    EXIT_CODE = 128 + signal.SIGTERM  # 143: a job chain does not mistake a preempted run for a finished one
+
+    def __init__(self):
+        self.flag, self._old = False, None
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGTERM, self._set)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old)
+
+    def _set(self, signum, frame):
+        self.flag = True
+
+    def requested(self):
+        if world_size() == 1:
+            return self.flag
+        return all_sum([float(self.flag)])[0] > 0
+
+
+def _one_line(e):
+    """The message of an exception raised in a DataLoader worker (which wraps it in a traceback)."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1].split(": ", 1)[-1] if lines and "Traceback" in str(e) else (lines[0] if lines else repr(e))
+
+
+def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evaluate, summary, ema=None,
+        schedule_per_step=True, collate_fn=None, extra_state=None):
+    """The training loop of the four scripts, on one device or under torchrun.
+
+    args: the script's flags; read here: epochs, bs (per process), seed, out, resume, max_steps,
+      clip, method, mode, T, workers.
+    step(model, forward, batch, heads, noise_key) -> {'loss', ...}: forward and backward of one batch
+      (x, target, index), no optimiser step. `forward` runs the backbone (fm) or the whole model (bp):
+      the DDP wrapper under torchrun, None otherwise (and when memory is measured on a copy).
+      noise_key = (seed, epoch, pass): key of the per-sample training noise (`train_noise`).
+    evaluate(model) -> metrics; every process calls it and it reduces over them (`all_sum`).
+    summary(record) -> the text after 'epoch e/E' in the per-epoch line.
+
+    Under torchrun the backbone (fm) or the model (bp) is DDP-wrapped and reduced in its single
+    backward; the heads' gradients are reduced once per step by `sync_gradients`. Only rank 0 prints,
+    logs and saves. Per epoch: one JSON line (written before the checkpoint) and an atomic checkpoint
+    of everything needed to resume. SIGTERM: finish the step, save the position inside the epoch,
+    exit with status 143; --resume continues from that step. A non-finite loss stops the run naming
+    the head and step, without writing a checkpoint. Returns the last epoch's record.
+    """
+    device = next(model.parameters()).device
+    world, blockwise = world_size(), args.method == "fm"
+    passes = args.T if (blockwise and args.mode == "sequential") else 1
+    drop_last = len(train_set) > args.bs * world
+    per_pass = len(epoch_batches(train_set, args.bs, 0, args.seed, drop_last))
+    per_pass = min(per_pass, args.max_steps) if args.max_steps else per_pass
+    log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    try:
+        start_epoch, position = start_or_resume(args.out, script, vars(args), arch, args.resume, model, optimizer,
+                                                scheduler, ema)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    forward, local = None, []
+    if world > 1:
+        wrapped = model.backbone if blockwise else model
+        forward = DistributedDataParallel(wrapped, device_ids=[device] if device.type == "cuda" else None)
+        inside = {id(p) for p in wrapped.parameters()}
+        local = [p for p in model.parameters() if id(p) not in inside]
+    if is_main():
+        print(f"batch {args.bs} per process x {world} process(es) = {args.bs * world} global; "
+              f"{passes * per_pass} steps per epoch")
+
+    def save(epoch_done, position):
+        if is_main():
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                             "rng": rng_state(), "epoch": epoch_done, "partial": position, "script": script,
+                             "args": vars(args), **(extra_state or {})}, args.out)
+        if world > 1:
+            dist.barrier()  # nobody exits while rank 0 is still writing
+
+    peak, record = None, None
+    loader_kw = dict(num_workers=args.workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
+    with Preemption() as preempt:
+        for epoch in range(start_epoch, args.epochs):
+            resumed = position if position and position["epoch"] == epoch else None
+            model.train()
+            t0 = time.time() - (resumed["elapsed"] if resumed else 0.0)
+            sums, count = (dict(resumed["sums"]), resumed["count"]) if resumed else ({}, 0)
+            bar = tqdm(total=passes * per_pass, initial=count, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                       disable=None if is_main() else True)
+            for p in range(resumed["pass"] if resumed else 0, passes):
+                heads = [p] if passes > 1 else list(range(args.T))
+                skip = resumed["step"] if resumed and p == resumed["pass"] else 0
+                batches = epoch_batches(train_set, args.bs, epoch * passes + p, args.seed, drop_last)[skip:per_pass]
+                key = (args.seed, epoch, p)
+                try:
+                    for i, batch in enumerate(DataLoader(train_set, batch_sampler=batches, **loader_kw), start=skip):
+                        optimizer.zero_grad(set_to_none=True)
+                        if peak is None:  # memory of one training step, measured once on a copy of the model
+                            peak = measure_step_memory(lambda m: step(m, None, batch, heads, key), model, device)
+                        losses = step(model, forward, batch, heads, key)
+                        sync_gradients(local)
+                        clip_and_step(optimizer, model.parameters(), args.clip)
+                        if schedule_per_step:
+                            scheduler.step()
+                        if ema is not None:
+                            ema.update_parameters(model)
+                        for name, value in losses.items():
+                            sums[name] = sums.get(name, 0.0) + value
+                        count += 1
+                        bar.update()
+                        bar.set_postfix(loss=f"{losses['loss']:.3f}")
+                        if preempt.requested():
+                            save(epoch - 1, {"epoch": epoch, "pass": p, "step": i + 1, "sums": sums, "count": count,
+                                             "elapsed": time.time() - t0, "world": world})
+                            if is_main():
+                                print(f"SIGTERM: saved epoch {epoch + 1} at step {count} to {args.out}; "
+                                      f"continue with --resume", flush=True)
+                            sys.exit(Preemption.EXIT_CODE)
+                except NonFiniteLoss as e:
+                    sys.exit(f"error: {e} at epoch {epoch + 1} step {count}; the last good checkpoint "
+                             f"{args.out} is untouched")
+                except DataError as e:
+                    sys.exit(f"error: {e}")
+                except RuntimeError as e:  # a DataError raised in a loader worker comes back wrapped
+                    if "DataError" not in str(e):
+                        raise
+                    sys.exit(f"error: {_one_line(e)}")
+            bar.close()
+            if not schedule_per_step:
+                scheduler.step()
+            names = sorted(sums)
+            totals = all_sum([sums[n] for n in names] + [count])
+            metrics = evaluate(ema.module if ema is not None else model)
+            record = {"epoch": epoch + 1, **{n: v / totals[-1] for n, v in zip(names, totals)}, **metrics,
+                      "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak,
+                      "global_batch": args.bs * world}
+            if world > 1:
+                record["replica_max_diff"] = replica_difference(model)
+            if is_main():
+                print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
+                with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
+                    f.write(json.dumps(record) + "\n")
+            save(epoch, None)
+            if preempt.requested():
+                if is_main():
+                    print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
+                sys.exit(Preemption.EXIT_CODE)
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,7 +923,8 @@ def topk_correct(logits, y, ks=(1, 5)):
 def evaluate_flow(model, loader, device, seed=0, amp=False, ks=(1, 5)):
     """Top-k accuracy of every inference mode of a FlowClassifier on a loader of (x, y, index).
 
-    z0 comes from `noise_for(index, seed)`, so results do not depend on batch size or sharding.
+    z0 comes from `noise_for(index, seed)`, so results do not depend on batch size or sharding; under
+    torchrun each process evaluates its `shard` and the counts are summed.
     Returns acc_single (mean over heads of single-step accuracy; per head in acc_single_heads),
     acc_ensemble, acc_multistep (Euler, T steps, head k on step k) and acc_probe, top-1 in [0, 1];
     the top-k for k > 1 as the same name with the suffix _top{k}.
@@ -646,7 +946,16 @@ def evaluate_flow(model, loader, device, seed=0, amp=False, ks=(1, 5)):
         for name, logits in outputs.items():
             hits[name] = [a + b for a, b in zip(hits[name], topk_correct(logits.float(), y, ks))]
         n += len(y)
+    hits, n = _sum_hits(hits, n)
     return flow_metrics(hits, n, T, ks)
+
+
+def _sum_hits(hits, n):
+    """Hit counts {name: [per k]} and sample count summed over processes (evaluation is sharded)."""
+    names = sorted(hits)
+    flat = all_sum([h for name in names for h in hits[name]] + [n])
+    width = len(hits[names[0]])
+    return {name: [int(v) for v in flat[i * width:(i + 1) * width]] for i, name in enumerate(names)}, int(flat[-1])
 
 
 def flow_metrics(hits, n, T, ks):
@@ -673,7 +982,24 @@ def evaluate_logits(model, loader, device, amp=False, ks=(1, 5)):
             logits = model(x)
         hits = [a + b for a, b in zip(hits, topk_correct(logits.float(), y, ks))]
         n += len(y)
+    summed, n = _sum_hits({"acc": hits}, n)
+    hits = summed["acc"]
     return {("acc" if k == 1 else f"acc_top{k}"): h / n for k, h in zip(ks, hits)}
+
+
+def evaluate_classifier(model, loader, device, seed=0, amp=False):
+    """evaluate_flow for a FlowClassifier, evaluate_logits for a bp baseline."""
+    if isinstance(model, FlowClassifier):
+        return evaluate_flow(model, loader, device, seed, amp)
+    return evaluate_logits(model, loader, device, amp)
+
+
+def classification_summary(record):
+    """The per-epoch line of the classification scripts (fm when the record has acc_ensemble)."""
+    if "acc_ensemble" not in record:
+        return f"loss {record['loss']:.4f} acc {record['acc']:.4f}"
+    return (f"loss {record['loss']:.4f} acc_ensemble {record['acc_ensemble']:.4f} single {record['acc_single']:.4f} "
+            f"multistep {record['acc_multistep']:.4f} probe {record['acc_probe']:.4f}")
 
 
 # ----------------------------------------------------------------------------------------------

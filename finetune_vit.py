@@ -26,17 +26,14 @@ Offline run (measured numbers in README.md):
     python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained --out runs/ft_digits.pt
 """
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 
 import timm
 import torch
 import torch.nn as nn
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import core
 
@@ -62,6 +59,8 @@ def get_args_parser():
     p.add_argument("--T", type=int, default=4, help="flow heads (bp: encoder layers)")
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
+    p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
+                   help="t during training: U[0,1] (paper), u^2 (more weight near t=0), or 0 (core.sample_t)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the CE on the t = 1 estimate")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE reduction over latent dims")
     p.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
@@ -73,7 +72,9 @@ def get_args_parser():
     p.add_argument("--weights", default=None, help="local .safetensors or .pth state dict of the backbone")
     p.add_argument("--img-size", type=int, default=None, help="input size (random init or --weights; else the model's)")
     p.add_argument("--patch", type=int, default=None, help="patch size (random init or --weights)")
+    p.add_argument("--depth", type=int, default=None, help="transformer blocks (random init or --weights; else the model's)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in the heads")
+    p.add_argument("--feat-norm", default="none", choices=["none", "batch"], help="standardise token features per channel before the heads")
     # optimisation
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the dataset's setup)")
     p.add_argument("--bs", type=int, default=None, help="batch size (default: the dataset's setup)")
@@ -130,10 +131,10 @@ def load_state_file(path):
 class ViTBackbone(nn.Module):
     """timm ViT without its classifier; returns [unpooled output tokens [B, N, D]]."""
 
-    def __init__(self, name, pretrained, weights=None, img_size=None, patch=None):
+    def __init__(self, name, pretrained, weights=None, img_size=None, patch=None, depth=None, feat_norm="none"):
         super().__init__()
         download = pretrained and not weights
-        kw = {} if download else {k: v for k, v in (("img_size", img_size), ("patch_size", patch)) if v}
+        kw = {} if download else {k: v for k, v in (("img_size", img_size), ("patch_size", patch), ("depth", depth)) if v}
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter when offline
         try:
             self.vit = timm.create_model(name, pretrained=download, num_classes=0, global_pool="", **kw)
@@ -159,9 +160,13 @@ class ViTBackbone(nn.Module):
         cfg = self.vit.pretrained_cfg or {}
         self.mean, self.std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
         self.img_size = self.vit.patch_embed.img_size[0]
+        self.feat_norm = nn.BatchNorm1d(self.dim, affine=False) if feat_norm == "batch" else None
 
     def forward(self, x):
-        return [self.vit.forward_features(x)]
+        tokens = self.vit.forward_features(x)
+        if self.feat_norm is not None:
+            tokens = self.feat_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        return [tokens]
 
 
 class BPClassifier(nn.Module):
@@ -180,7 +185,8 @@ class BPClassifier(nn.Module):
 
 def build_model(args, num_classes):
     """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
-    backbone = ViTBackbone(args.model, args.pretrained, args.weights, args.img_size, args.patch)
+    backbone = ViTBackbone(args.model, args.pretrained, args.weights, args.img_size, args.patch,
+                           getattr(args, "depth", None), getattr(args, "feat_norm", "none"))
     if args.method == "bp":
         return BPClassifier(backbone, num_classes, args.T)
     heads = [core.TokenFlowHead(backbone.dim, backbone.dim, backbone.heads_hint, dropout=args.dropout)
@@ -209,20 +215,14 @@ def build_data(args, backbone):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def train_step(model, x, y, heads, args, device):
+def train_step(model, x, y, heads, args, device, forward=None, index=None, noise_key=None):
     """Forward + block-wise (fm) or joint (bp) backward, no optimiser step (core.classifier_step)."""
-    return core.classifier_step(model, x, y, heads, device, args.amp, args.lam if args.method == "fm" else 1.0,
-                                args.time_split, args.sigma_min, args.mse)
-
-
-def evaluate(model, loader, args, device):
-    if args.method == "bp":
-        return core.evaluate_logits(model, loader, device, args.amp)
-    return core.evaluate_flow(model, loader, device, args.seed, args.amp)
+    return core.classifier_step(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True), heads,
+                                device, args, forward, index, noise_key)
 
 
 def main(args):
-    device = core.get_device(args.device)
+    device = core.init_distributed(args.device)
     core.seed_everything(args.seed)
     try:
         model = build_model(args, NUM_CLASSES_HINT[args.dataset])
@@ -233,72 +233,26 @@ def main(args):
         core.seed_everything(args.seed)
         model = build_model(args, num_classes)
     model = model.to(device)
-    loader_kw = dict(num_workers=0 if args.dataset == "digits" else args.workers, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(train_set, args.bs, shuffle=True, drop_last=len(train_set) > args.bs,
-                                               **loader_kw)
-    test_loader = torch.utils.data.DataLoader(test_set, 2 * args.bs, shuffle=False, **loader_kw)
+    if args.dataset == "digits":
+        args.workers = 0  # in-memory tensors: worker processes only add start-up time
+    test_loader = torch.utils.data.DataLoader(core.shard(test_set), 2 * args.bs, shuffle=False,
+                                              num_workers=args.workers, pin_memory=device.type == "cuda")
 
     backbone = list(model.backbone.parameters())
     ids = {id(p) for p in backbone}
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
-    passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1
-    steps_per_epoch = passes * (min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader))
-    scheduler = core.warmup_cosine(optimizer, args.warmup * steps_per_epoch, args.epochs * steps_per_epoch)
-
-    log_path = os.path.splitext(args.out)[0] + ".jsonl"
-    arch = ("method", "model", "T", "dataset", "img_size", "patch", "no_guard")
-    try:
-        start_epoch = core.start_or_resume(args.out, os.path.basename(__file__), vars(args), arch, args.resume,
-                                           model, optimizer, scheduler)
-    except core.CheckpointError as e:
-        sys.exit(f"error: {e}")
-
-    print(f"{args.method} fine-tuning {args.model} on {args.dataset}: T={args.T} mode={args.mode} "
-          f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device} batch={args.bs}")
-    peak, record = None, None
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        t0, sums, count = time.time(), {}, 0
-        blocks = [[k] for k in range(args.T)] if passes > 1 else [list(range(args.T))]
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
-        for heads in blocks:
-            for step, (x, y, _) in enumerate(train_loader):
-                if args.max_steps and step >= args.max_steps:
-                    break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                try:
-                    if peak is None:  # memory of one training step, measured once on a copy of the model
-                        peak = core.measure_step_memory(lambda m: train_step(m, x, y, heads, args, device),
-                                                        model, device)
-                    losses = train_step(model, x, y, heads, args, device)
-                except core.NonFiniteLoss as e:
-                    sys.exit(f"error: {e} at epoch {epoch + 1} step {step}; the last good checkpoint "
-                             f"{args.out} is untouched")
-                core.clip_and_step(optimizer, model.parameters(), args.clip)
-                scheduler.step()
-                for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                count += 1
-                bar.update()
-                bar.set_postfix(loss=f"{losses['loss']:.3f}")
-        bar.close()
-        metrics = evaluate(model, test_loader, args, device)
-        record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, **metrics,
-                  "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak}
-        main_metric = "acc" if args.method == "bp" else "acc_ensemble"
-        print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} {main_metric} {metrics[main_metric]:.4f}"
-              + ("" if args.method == "bp" else f" single {metrics['acc_single']:.4f} multistep "
-                 f"{metrics['acc_multistep']:.4f} probe {metrics['acc_probe']:.4f}")
-              + f" peak step memory {peak / 2**20:.1f} MiB ({record['time']:.1f}s)")
-        with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
-            f.write(json.dumps(record) + "\n")
-        core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "rng": core.rng_state(), "epoch": epoch,
-                              "script": os.path.basename(__file__), "args": vars(args),
-                              "num_classes": num_classes}, args.out)
-    return record
+    steps = core.steps_per_epoch(train_set, args)
+    scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
+    if core.is_main():
+        print(f"{args.method} fine-tuning {args.model} on {args.dataset}: T={args.T} mode={args.mode} "
+              f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
+    arch = ("method", "model", "T", "dataset", "img_size", "patch", "depth", "feat_norm", "no_guard")
+    return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
+                    lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
+                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp),
+                    lambda r: core.classification_summary(r) + f" peak step memory {r['peak_step_bytes'] / 2**20:.1f} MiB",
+                    extra_state={"num_classes": num_classes})
 
 
 if __name__ == "__main__":

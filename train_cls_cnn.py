@@ -22,15 +22,12 @@ digits is not a paper setup: it runs a small CNN (channels 32/64/128, d = 64, hi
 EMA 0.98) so that the quickstart takes a couple of minutes on a laptop CPU.
 """
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import core
 
@@ -61,6 +58,8 @@ def get_args_parser():
     p.add_argument("--T", type=int, default=3, help="number of flow heads (bp: number of stacked layers)")
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
+    p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
+                   help="t during training: U[0,1] (paper), u^2 (more weight near t=0), or 0 (core.sample_t)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the anchor cross-entropy (paper: 1)")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"],
                    help="flow MSE averaged over latent dims (A.1.1 'MSE') or summed (||.||^2 of Alg. 1)")
@@ -182,92 +181,36 @@ def build_model(args, num_classes, in_ch):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def train_step(model, x, y, heads, args, device):
+def train_step(model, x, y, heads, args, device, forward=None, index=None, noise_key=None):
     """Forward + block-wise (fm) or joint (bp) backward, no optimiser step (core.classifier_step)."""
-    return core.classifier_step(model, x, y, heads, device, args.amp, args.lam if args.method == "fm" else 1.0,
-                                args.time_split, args.sigma_min, args.mse)
-
-
-def evaluate(model, loader, args, device):
-    if args.method == "bp":
-        return core.evaluate_logits(model, loader, device, args.amp)
-    return core.evaluate_flow(model, loader, device, args.seed, args.amp)
+    return core.classifier_step(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True), heads,
+                                device, args, forward, index, noise_key)
 
 
 def main(args):
-    device = core.get_device(args.device)
+    device = core.init_distributed(args.device)
     core.seed_everything(args.seed)
     try:
         train_set, test_set, num_classes, in_ch = build_data(args)
     except core.DataError as e:
         sys.exit(f"error: {e}")
-    loader_kw = dict(num_workers=0 if args.dataset == "digits" else args.workers, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(train_set, args.bs, shuffle=True, drop_last=len(train_set) > args.bs,
-                                               **loader_kw)
-    test_loader = torch.utils.data.DataLoader(test_set, 512, shuffle=False, **loader_kw)
+    if args.dataset == "digits":
+        args.workers = 0  # in-memory tensors: worker processes only add start-up time
+    test_loader = torch.utils.data.DataLoader(core.shard(test_set), 512, shuffle=False, num_workers=args.workers)
 
     model = build_model(args, num_classes, in_ch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
-    passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1  # Algorithm 1: T passes per epoch
-    steps_per_epoch = passes * (min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader))
-    scheduler = core.warmup_cosine(optimizer, args.warmup * steps_per_epoch, args.epochs * steps_per_epoch)
+    steps = core.steps_per_epoch(train_set, args)
+    scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
     ema = core.make_ema(model, args.ema) if args.ema > 0 else None
-
-    log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    if core.is_main():
+        print(f"{args.method} on {args.dataset}: T={args.T} mode={args.mode} topology={args.topology} "
+              f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
     arch = ("method", "topology", "T", "channels", "dim", "hidden", "head_blocks", "dataset", "img_size", "no_guard")
-    try:
-        start_epoch = core.start_or_resume(args.out, os.path.basename(__file__), vars(args), arch, args.resume,
-                                           model, optimizer, scheduler, ema)
-    except core.CheckpointError as e:
-        sys.exit(f"error: {e}")
-
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.method} on {args.dataset}: T={args.T} mode={args.mode} topology={args.topology} "
-          f"params={n_params / 1e6:.2f}M device={device} batch={args.bs}")
-    peak = None
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        t0, sums, count = time.time(), {}, 0
-        blocks = [[k] for k in range(args.T)] if passes > 1 else [list(range(args.T))]
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
-        for heads in blocks:
-            for step, (x, y, _) in enumerate(train_loader):
-                if args.max_steps and step >= args.max_steps:
-                    break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                try:
-                    if peak is None:  # memory of one training step, measured once per run on a copy
-                        peak = core.measure_step_memory(lambda m: train_step(m, x, y, heads, args, device),
-                                                        model, device)
-                    losses = train_step(model, x, y, heads, args, device)
-                except core.NonFiniteLoss as e:
-                    sys.exit(f"error: {e} at epoch {epoch + 1} step {step}; the last good checkpoint "
-                             f"{args.out} is untouched")
-                core.clip_and_step(optimizer, model.parameters(), args.clip)
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                count += 1
-                bar.update()
-                bar.set_postfix(loss=f"{losses['loss']:.3f}")
-        bar.close()
-        metrics = evaluate(ema.module if ema is not None else model, test_loader, args, device)
-        record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, **metrics,
-                  "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak}
-        main_metric = "acc" if args.method == "bp" else "acc_ensemble"
-        print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} {main_metric} {metrics[main_metric]:.4f}"
-              + ("" if args.method == "bp" else f" single {metrics['acc_single']:.4f} multistep "
-                 f"{metrics['acc_multistep']:.4f} probe {metrics['acc_probe']:.4f}") + f" ({record['time']:.1f}s)")
-        with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
-            f.write(json.dumps(record) + "\n")
-        core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                              "rng": core.rng_state(), "epoch": epoch, "script": os.path.basename(__file__),
-                              "args": vars(args), "num_classes": num_classes, "in_ch": in_ch}, args.out)
-    return record if start_epoch < args.epochs else None
+    return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
+                    lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
+                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp),
+                    core.classification_summary, ema=ema, extra_state={"num_classes": num_classes, "in_ch": in_ch})
 
 
 if __name__ == "__main__":

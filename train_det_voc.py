@@ -28,10 +28,8 @@ real VOC on-disk format under --data and read by the same loader as VOC 2007):
     python train_det_voc.py --dataset minivoc --backbone resnet18 --no-pretrained --out runs/det.pt
 """
 import argparse
-import json
 import os
 import sys
-import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -44,7 +42,6 @@ from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 from torchvision.ops import batched_nms, box_convert, generalized_box_iou
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import core
 
@@ -559,16 +556,19 @@ def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
     return ce + 5 * l1 + 2 * giou
 
 
-def block_loss(model, k, feats, targets, slots, args):
+def block_loss(model, k, feats, targets, slots, args, noise=None):
     """Loss of flow block k: 0.1 x flow MSE + detection loss on the decoded z1_hat.
-    slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch."""
+    slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch.
+    noise: (z0 [B, M, d], u [B]) from core.train_noise, or None for fresh draws."""
     classes, boxes = slots
     z1 = model.targets(classes, boxes)
-    z0 = torch.randn_like(z1) * args.z0_std
+    z0, u = noise if noise is not None else (torch.randn_like(z1), None)
+    z0 = z0 * args.z0_std
     if args.coupling == "ot":
         z1, classes = ot_coupling(z0, z1, classes, model.num_classes)
+    t = core.sample_t(len(z1), k, model.T, args.time_split, z1.device, args.t_dist, u)
     mse, z1_hat = core.flow_matching_loss(model.heads[k], feats[0], z1, k, model.T, args.time_split, args.sigma_min,
-                                          detach_target=model.guard, z0=z0, t_dist=args.t_dist)
+                                          detach_target=model.guard, z0=z0, t=t)
     logits, pred_boxes = model.decode(z1_hat)
     return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
 
@@ -620,6 +620,7 @@ def evaluate(model, loader, args, device, num_classes):
                 logits, boxes = predict(model, x.to(device), index, args, mode=mode)
             dets[mode] += postprocess(logits, boxes, sizes, args.score_thresh, args.nms)
         gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
+    dets, gts = {m: core.all_gather(d) for m, d in dets.items()}, core.all_gather(gts)  # torchrun: every shard
     out = {"map50": voc_eval(dets["euler"], gts, num_classes)["map"],
            "map50_area": voc_eval(dets["euler"], gts, num_classes, use_07_metric=False)["map"]}
     if "ensemble" in dets:
@@ -630,24 +631,35 @@ def evaluate(model, loader, args, device, num_classes):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def train_step(model, x, targets, blocks, args, device):
-    """Forward + block-wise (fm) or joint (bp) backward; returns the losses."""
+def train_step(model, x, targets, blocks, args, device, forward=None, index=None, noise_key=None):
+    """Forward + block-wise (fm) or joint (bp) backward; returns the losses. forward: the DDP wrapper of
+    the backbone (fm) or model (bp) under torchrun; index, noise_key: per-sample noise (core.train_noise)."""
+    x = x.to(device, non_blocking=True)
     with core.autocast(device, args.amp):
         if args.method == "bp":
-            logits, boxes = model(x)
+            logits, boxes = (forward or model)(x)
             loss = detection_loss(logits, boxes, targets, model.num_classes)
             if not torch.isfinite(loss):
                 raise core.NonFiniteLoss("bp", loss.item())
             loss.backward()
             return {"loss": loss.item()}
-        feats = model.backbone(x)
+        feats = (forward or model.backbone)(x)
         slots = slot_targets(targets, args.slots, model.num_classes, x.device)[:2]
-        losses = core.blockwise_backward(feats, blocks, lambda k, f: block_loss(model, k, f, targets, slots, args))
+
+        def loss(k, f):
+            noise = None if index is None else core.train_noise(index, (*noise_key, k), (args.slots, model.dim), device)
+            return block_loss(model, k, f, targets, slots, args, noise)
+        losses = core.blockwise_backward(feats, blocks, loss, all_features=forward is not None)
     return {"loss": sum(losses.values()) / len(losses), **{f"loss_b{k}": v for k, v in losses.items()}}
 
 
+def summary(record):
+    return (f"loss {record['loss']:.4f} map50 {record['map50']:.4f} map50_area {record['map50_area']:.4f}"
+            + (f" map50_ensemble {record['map50_ensemble']:.4f}" if "map50_ensemble" in record else ""))
+
+
 def main(args):
-    device = core.get_device(args.device)
+    device = core.init_distributed(args.device)
     core.seed_everything(args.seed)
     if args.method == "bp" and args.mode == "sequential":
         sys.exit("error: --mode sequential trains flow blocks one at a time; it does not apply to --method bp")
@@ -658,72 +670,25 @@ def main(args):
         sys.exit(f"error: {e}")
     if args.eval_limit:
         test_set = torch.utils.data.Subset(test_set, range(min(args.eval_limit, len(test_set))))
-    kw = dict(num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(train_set, args.bs, shuffle=True, drop_last=len(train_set) > args.bs, **kw)
-    test_loader = torch.utils.data.DataLoader(test_set, max(args.bs, 8), shuffle=False, **kw)
+    test_loader = torch.utils.data.DataLoader(core.shard(test_set), max(args.bs, 8), shuffle=False,
+                                              num_workers=args.workers, collate_fn=collate,
+                                              pin_memory=device.type == "cuda")
 
     backbone = list(model.backbone.trunk.parameters())
     ids = {id(p) for p in backbone}
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop], 0.1)  # stepped per epoch
-    passes = args.T if (args.method == "fm" and args.mode == "sequential") else 1
-
-    log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    if core.is_main():
+        overflow = sum(len(train_set.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
+        print(f"{args.method} on {args.dataset}: {args.backbone} T={args.T} mode={args.mode} coupling={args.coupling} "
+              f"M={args.slots} device={device}; {overflow} training images have more than {args.slots} objects "
+              f"(first {args.slots} kept as targets)")
     arch = ("method", "dataset", "T", "backbone", "dim", "slots", "nheads", "ffn", "img_size", "no_guard", "z0_std")
-    try:
-        start_epoch = core.start_or_resume(args.out, os.path.basename(__file__), vars(args), arch, args.resume,
-                                           model, optimizer, scheduler)
-    except core.CheckpointError as e:
-        sys.exit(f"error: {e}")
-
-    overflow = sum(len(train_set.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
-    print(f"{args.method} on {args.dataset}: {args.backbone} T={args.T} mode={args.mode} coupling={args.coupling} "
-          f"M={args.slots} device={device} batch={args.bs}; {overflow} training images have more than "
-          f"{args.slots} objects (first {args.slots} kept as targets)")
-    peak, record = None, None
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        t0, sums, count = time.time(), {}, 0
-        blocks = [[k] for k in range(args.T)] if passes > 1 else [list(range(args.T))]
-        per_pass = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
-        bar = tqdm(total=passes * per_pass, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)
-        for heads in blocks:
-            for step, (x, targets, _) in enumerate(train_loader):
-                if step >= per_pass:
-                    break
-                x = x.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                try:
-                    if peak is None:  # memory of one training step, measured once on a copy of the model
-                        peak = core.measure_step_memory(lambda m: train_step(m, x, targets, heads, args, device),
-                                                        model, device)
-                    losses = train_step(model, x, targets, heads, args, device)
-                except core.NonFiniteLoss as e:
-                    sys.exit(f"error: {e} at epoch {epoch + 1} step {step}; the last good checkpoint "
-                             f"{args.out} is untouched")
-                core.clip_and_step(optimizer, model.parameters(), args.clip)
-                for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                count += 1
-                bar.update()
-                bar.set_postfix(loss=f"{losses['loss']:.3f}")
-        bar.close()
-        scheduler.step()
-        metrics = evaluate(model, test_loader, args, device, len(classes))
-        record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, **metrics,
-                  "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak}
-        print(f"epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} map50 {metrics['map50']:.4f} "
-              f"map50_area {metrics['map50_area']:.4f}" + (f" map50_ensemble {metrics['map50_ensemble']:.4f}"
-                                                           if "map50_ensemble" in metrics else "")
-              + f" ({record['time']:.1f}s)")
-        with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
-            f.write(json.dumps(record) + "\n")
-        core.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "rng": core.rng_state(), "epoch": epoch,
-                              "script": os.path.basename(__file__), "args": vars(args),
-                              "num_classes": len(classes)}, args.out)
-    return record
+    return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
+                    lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
+                    lambda m: evaluate(m, test_loader, args, device, len(classes)), summary,
+                    schedule_per_step=False, collate_fn=collate, extra_state={"num_classes": len(classes)})
 
 
 if __name__ == "__main__":
