@@ -96,6 +96,23 @@ class WithIndex(torch.utils.data.Dataset):
         return (*self.dataset[i], i)
 
 
+class Seeded(torch.utils.data.Dataset):
+    """Draws each item's random augmentation from the torch RNG seeded by (seed, epoch, index), inside
+    a forked RNG: augmentation then depends neither on the batch size, the number of processes or
+    loader workers, nor on where a run was resumed. `fit` sets `epoch` before every pass."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, int(i))) % (2 ** 63))
+            return self.dataset[i]
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, not a checkpoint, or from another script/config."""
 
@@ -127,8 +144,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (truncated zip), EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a loadable checkpoint ({first[:200]})") from None
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a loadable checkpoint ({first[:160]})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' entry)")
     return state
@@ -738,6 +755,17 @@ def _one_line(e):
     return lines[-1].split(": ", 1)[-1] if lines and "Traceback" in str(e) else (lines[0] if lines else repr(e))
 
 
+def check_flags(args):
+    """One-line exit for flag values and combinations that cannot run (before anything is written)."""
+    for name in ("epochs", "bs", "T"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    if args.method == "bp" and args.mode == "sequential":
+        sys.exit("error: --mode sequential trains flow heads one at a time; it does not apply to --method bp")
+    if args.method == "bp" and getattr(args, "time_split", False):
+        sys.exit("error: --time-split assigns time intervals to flow heads; it does not apply to --method bp")
+
+
 def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evaluate, summary, ema=None,
         schedule_per_step=True, collate_fn=None, extra_state=None):
     """The training loop of the four scripts, on one device or under torchrun.
@@ -791,21 +819,28 @@ def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evalua
 
     peak, record = None, None
     loader_kw = dict(num_workers=args.workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
-    with Preemption() as preempt:
-        for epoch in range(start_epoch, args.epochs):
-            resumed = position if position and position["epoch"] == epoch else None
-            model.train()
-            t0 = time.time() - (resumed["elapsed"] if resumed else 0.0)
-            sums, count = (dict(resumed["sums"]), resumed["count"]) if resumed else ({}, 0)
-            bar = tqdm(total=passes * per_pass, initial=count, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                       disable=None if is_main() else True)
-            for p in range(resumed["pass"] if resumed else 0, passes):
-                heads = [p] if passes > 1 else list(range(args.T))
-                skip = resumed["step"] if resumed and p == resumed["pass"] else 0
-                batches = epoch_batches(train_set, args.bs, epoch * passes + p, args.seed, drop_last)[skip:per_pass]
-                key = (args.seed, epoch, p)
-                try:
-                    for i, batch in enumerate(DataLoader(train_set, batch_sampler=batches, **loader_kw), start=skip):
+    epoch, count = start_epoch, 0
+    try:
+        with Preemption() as preempt:
+            for epoch in range(start_epoch, args.epochs):
+                resumed = position if position and position["epoch"] == epoch else None
+                model.train()
+                t0 = time.time() - (resumed["elapsed"] if resumed else 0.0)
+                sums, count = (dict(resumed["sums"]), resumed["count"]) if resumed else ({}, 0)
+                bar = tqdm(total=passes * per_pass, initial=count, desc=f"epoch {epoch + 1}/{args.epochs}",
+                           leave=False, disable=None if is_main() else True)
+                for p in range(resumed["pass"] if resumed else 0, passes):
+                    heads = [p] if passes > 1 else list(range(args.T))
+                    skip = resumed["step"] if resumed and p == resumed["pass"] else 0
+                    order = epoch_batches(train_set, args.bs, epoch * passes + p, args.seed, drop_last)
+                    batches = order[skip:per_pass]
+                    key = (args.seed, epoch, p)
+                    if isinstance(train_set, Seeded):
+                        train_set.epoch = epoch * passes + p
+                    # own generator: creating the iterator must not draw from the global RNG (resume)
+                    loader = DataLoader(train_set, batch_sampler=batches, **loader_kw,
+                                        generator=torch.Generator().manual_seed(hash(key) % (2 ** 63)))
+                    for i, batch in enumerate(loader, start=skip):
                         optimizer.zero_grad(set_to_none=True)
                         if peak is None:  # memory of one training step, measured once on a copy of the model
                             peak = measure_step_memory(lambda m: step(m, None, batch, heads, key), model, device)
@@ -821,42 +856,37 @@ def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evalua
                         count += 1
                         bar.update()
                         bar.set_postfix(loss=f"{losses['loss']:.3f}")
-                        if preempt.requested():
-                            save(epoch - 1, {"epoch": epoch, "pass": p, "step": i + 1, "sums": sums, "count": count,
-                                             "elapsed": time.time() - t0, "world": world})
+                        if preempt.requested():  # finish the step, save the position in the epoch, exit
+                            save(epoch - 1, {"epoch": epoch, "pass": p, "step": i + 1, "sums": sums,
+                                             "count": count, "elapsed": time.time() - t0, "world": world})
                             if is_main():
                                 print(f"SIGTERM: saved epoch {epoch + 1} at step {count} to {args.out}; "
                                       f"continue with --resume", flush=True)
                             sys.exit(Preemption.EXIT_CODE)
-                except NonFiniteLoss as e:
-                    sys.exit(f"error: {e} at epoch {epoch + 1} step {count}; the last good checkpoint "
-                             f"{args.out} is untouched")
-                except DataError as e:
-                    sys.exit(f"error: {e}")
-                except RuntimeError as e:  # a DataError raised in a loader worker comes back wrapped
-                    if "DataError" not in str(e):
-                        raise
-                    sys.exit(f"error: {_one_line(e)}")
-            bar.close()
-            if not schedule_per_step:
-                scheduler.step()
-            names = sorted(sums)
-            totals = all_sum([sums[n] for n in names] + [count])
-            metrics = evaluate(ema.module if ema is not None else model)
-            record = {"epoch": epoch + 1, **{n: v / totals[-1] for n, v in zip(names, totals)}, **metrics,
-                      "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak,
-                      "global_batch": args.bs * world}
-            if world > 1:
-                record["replica_max_diff"] = replica_difference(model)
-            if is_main():
-                print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
-                with open(log_path, "a") as f:  # log first: a kill before the checkpoint only repeats this epoch
-                    f.write(json.dumps(record) + "\n")
-            save(epoch, None)
-            if preempt.requested():
+                bar.close()
+                if not schedule_per_step:
+                    scheduler.step()
+                names = sorted(sums)
+                totals = all_sum([sums[n] for n in names] + [count])
+                metrics = evaluate(ema.module if ema is not None else model)
+                record = {"epoch": epoch + 1, **{n: v / totals[-1] for n, v in zip(names, totals)}, **metrics,
+                          "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak,
+                          "global_batch": args.bs * world}
+                if world > 1:
+                    record["replica_max_diff"] = replica_difference(model)
                 if is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
-                sys.exit(Preemption.EXIT_CODE)
+                    print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
+                    with open(log_path, "a") as f:  # log first: a kill before the checkpoint repeats this epoch
+                        f.write(json.dumps(record) + "\n")
+                save(epoch, None)
+                if preempt.requested():
+                    if is_main():
+                        print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
+                    sys.exit(Preemption.EXIT_CODE)
+    except NonFiniteLoss as e:
+        sys.exit(f"error: {e} at epoch {epoch + 1} step {count + 1}; the last good checkpoint {args.out} is untouched")
+    except DataError as e:  # raised in a loader worker, it comes back with the worker's traceback
+        sys.exit(f"error: {_one_line(e)}")
     return record
 
 
@@ -1077,6 +1107,16 @@ def classification_data(name, root, train_transform=None, test_transform=None, d
     raise DataError(f"unknown dataset {name!r}")
 
 
+def load_image(path):
+    """RGB PIL image; DataError naming the file when it is missing, truncated or not an image."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise DataError(f"unreadable image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def tinyimagenet(root, train_transform, test_transform):
     """TinyImageNet in its standard layout: tiny-imagenet-200/train/<wnid>/images/*.JPEG and
     val/images/*.JPEG labelled by val/val_annotations.txt (the val split is the test set)."""
@@ -1086,14 +1126,14 @@ def tinyimagenet(root, train_transform, test_transform):
     ann = os.path.join(val_dir, "val_annotations.txt")
     if not (os.path.isdir(train_dir) and os.path.isfile(ann)):
         raise DataError(f"tinyimagenet not found under {os.path.abspath(base)}: {DATA_HINTS['tinyimagenet']}")
-    train = torchvision.datasets.ImageFolder(train_dir, train_transform)
+    train = torchvision.datasets.ImageFolder(train_dir, train_transform, loader=load_image)
     samples = []
     with open(ann) as f:
         for line in f:
             parts = line.split("\t")
             if len(parts) >= 2 and parts[1] in train.class_to_idx:
                 samples.append((os.path.join(val_dir, "images", parts[0]), train.class_to_idx[parts[1]]))
-    test = torchvision.datasets.ImageFolder(train_dir, test_transform)  # same classes, samples replaced
+    test = torchvision.datasets.ImageFolder(train_dir, test_transform, loader=load_image)  # same classes, new samples
     test.samples = test.imgs = samples
     test.targets = [s[1] for s in samples]
     return train, test, len(train.classes)
@@ -1111,6 +1151,7 @@ def imagefolder_split(folder, train_transform, test_transform, name, test_fracti
         raise DataError(f"{name} at {os.path.abspath(folder)} holds no images ({str(e).splitlines()[0]})") from None
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = int(len(order) * (1 - test_fraction))
-    train, test = (torchvision.datasets.ImageFolder(folder, tf) for tf in (train_transform, test_transform))
+    train, test = (torchvision.datasets.ImageFolder(folder, tf, loader=load_image)
+                   for tf in (train_transform, test_transform))
     return (torch.utils.data.Subset(train, order[:cut]), torch.utils.data.Subset(test, order[cut:]),
             len(full.classes))

@@ -704,3 +704,258 @@ def test_detection_refuses_sequential_mode_with_bp(tmp_path):
                                              "--out", str(tmp_path / "d.pt")])
     assert "--mode sequential" in message and not (tmp_path / "d.pt").exists()
     assert parse(det, ["--method", "bp"]).mode == "parallel"  # bp alone takes the schedule it can run
+
+
+# ------------------------------------------------------------------------------------------------
+# torchrun / DDP, preemption, kill -9, non-finite losses and bad input
+# ------------------------------------------------------------------------------------------------
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# LayerNorm only (a patch stem, no dropout): one process at batch 16 and two at batch 8 compute the same step
+DDP_VIT = SMALL_VIT + ["--stem", "patch", "--dropout", "0", "--T", "2", "--epochs", "1", "--max-steps", "3"]
+
+
+def run_cli(argv, nproc=1, timeout=600):
+    """A script as a user runs it: `python script ...`, or `torchrun --nproc_per_node N script ...`."""
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                 if nproc > 1 else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(launch + argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def records(out):
+    import json
+    return [json.loads(line) for line in open(out[:-3] + ".jsonl")]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    """Bit-equal weights, or with atol equal within atol except the attention key biases: their true
+    gradient is exactly 0 (softmax ignores a shift shared by all keys), so AdamW turns the rounding
+    noise of a differently summed gradient into lr-sized steps there."""
+    a, b = core.load_checkpoint(a)["model"], core.load_checkpoint(b)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        if atol and name.endswith("attn.qkv.bias"):
+            n = len(a[name]) // 3
+            a[name], b[name] = a[name][torch.arange(3 * n) // n != 1], b[name][torch.arange(3 * n) // n != 1]
+        if atol:
+            assert torch.allclose(a[name].float(), b[name].float(), atol=atol, rtol=0), name
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("method", ["fm", "bp"])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, method):
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    single = run_cli(["train_cls_vit.py"] + DDP_VIT + ["--method", method, "--bs", "16", "--out", one])
+    double = run_cli(["train_cls_vit.py"] + DDP_VIT + ["--method", method, "--bs", "8", "--out", two], nproc=2)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert double.returncode == 0, double.stderr[-2000:]
+    assert "batch 8 per process x 2 process(es) = 16 global" in double.stdout
+    assert double.stdout.count("epoch 1/1") == 1  # only rank 0 prints
+    assert_same_weights(one, two, atol=1e-5)
+    (r1,), (r2,) = records(one), records(two)  # one log line each: only rank 0 writes
+    assert r2["replica_max_diff"] == 0.0 and r2["global_batch"] == 16
+    for key in [k for k in r1 if k.startswith("acc")]:  # evaluation gathered from both shards
+        assert r1[key] == r2[key], key
+    assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "one.pt", "two.jsonl", "two.pt"]
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("train_cls_cnn.py", SMALL_CNN + ["--T", "2", "--epochs", "1", "--max-steps", "2", "--mode", "sequential"]),
+    ("finetune_vit.py", TINY_FT + ["--no-pretrained", "--img-size", "16", "--patch", "4", "--depth", "1", "--T", "2"]),
+    ("train_det_voc.py", SMALL_DET + ["--mode", "parallel"])])
+def test_every_script_trains_under_torchrun(tmp_path, script, argv):
+    out = str(tmp_path / "r.pt")
+    data = ["--data", str(tmp_path / "data")] if script == "train_det_voc.py" else []
+    done = run_cli([script] + argv + data + ["--out", out], nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = records(out)
+    assert record["replica_max_diff"] == 0.0  # BatchNorm buffers are broadcast, gradients averaged
+    assert core.load_checkpoint(out)["epoch"] == 0
+
+
+CNN_FAULTS = SMALL_CNN + ["--T", "2", "--bs", "16", "--epochs", "3", "--max-steps", "12"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight") / "s.pt")
+    done = run_cli(["train_cls_cnn.py"] + CNN_FAULTS + ["--out", out])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def same_run(out, reference):
+    assert_same_weights(out, reference)
+    drop = ("time",)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
+    assert strip(records(out)) == strip(records(reference))
+
+
+def test_sigterm_inside_an_epoch_saves_the_position_and_resume_is_bit_identical(tmp_path, monkeypatch, uninterrupted):
+    out = str(tmp_path / "p.pt")
+    step, calls = train_cls_cnn.train_step, []
+
+    def preempted_step(*a, **k):  # SIGTERM during call 17: 1 memory measurement + 12 steps + epoch 2's 4th
+        calls.append(1)
+        if len(calls) == 17:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*a, **k)
+
+    monkeypatch.setattr(train_cls_cnn, "train_step", preempted_step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the reference run: the thread count changes float summation order
+    with pytest.raises(SystemExit) as info:
+        train_cls_cnn.main(parse(train_cls_cnn, CNN_FAULTS + ["--out", out]))
+    assert info.value.code == 143
+    state = core.load_checkpoint(out)
+    assert state["epoch"] == 0 and state["partial"]["epoch"] == 1 and state["partial"]["step"] == 4
+    monkeypatch.setattr(train_cls_cnn, "train_step", step)
+    try:
+        train_cls_cnn.main(parse(train_cls_cnn, CNN_FAULTS + ["--out", out, "--resume"]))
+    finally:
+        torch.set_num_threads(threads)
+    same_run(out, uninterrupted)
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+def start_cli(argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable] + argv, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_from_outside_exits_143_and_resume_finishes_the_same_run(tmp_path, uninterrupted):
+    out = str(tmp_path / "t.pt")
+    proc = start_cli(["train_cls_cnn.py"] + CNN_FAULTS + ["--out", out])
+    wait_for(lambda: os.path.exists(out), proc)  # the handler is installed before the first step
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    if proc.returncode == 0:  # the signal arrived after the last step: nothing to resume
+        same_run(out, uninterrupted)
+        return
+    assert proc.returncode == 143 and "SIGTERM: saved epoch" in stdout and "Traceback" not in stderr
+    assert run_cli(["train_cls_cnn.py"] + CNN_FAULTS + ["--out", out, "--resume"]).returncode == 0
+    same_run(out, uninterrupted)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.7])
+def test_kill_9_leaves_a_loadable_checkpoint_and_resume_is_bit_identical(tmp_path, uninterrupted, delay):
+    out = str(tmp_path / "k.pt")
+    proc = start_cli(["train_cls_cnn.py"] + CNN_FAULTS + ["--out", out])
+    wait_for(lambda: os.path.exists(out), proc)
+    time.sleep(delay)  # 0: often while the next epoch's checkpoint is written
+    proc.kill()
+    proc.communicate()
+    state = core.load_checkpoint(out)  # atomic writes: always the last complete checkpoint
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")] or state
+    if state["epoch"] < 2:
+        done = run_cli(["train_cls_cnn.py"] + CNN_FAULTS + ["--out", out, "--resume"])
+        assert done.returncode == 0, done.stderr[-2000:]
+    same_run(out, uninterrupted)
+
+
+def test_nonfinite_loss_names_head_and_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path / "n.pt")
+    argv = SMALL_CNN + ["--T", "2", "--max-steps", "3"]
+    train_cls_cnn.main(parse(train_cls_cnn, argv + ["--epochs", "1", "--out", out]))
+    good = open(out, "rb").read()
+    head_loss = core.FlowClassifier.head_loss
+    calls = []
+
+    def diverging(self, k, *a, **kw):
+        calls.append(k)
+        loss = head_loss(self, k, *a, **kw)
+        return loss * float("inf") if len(calls) == 4 else loss  # head 1 in epoch 2's first step (after the
+        # memory measurement's two calls)
+
+    monkeypatch.setattr(core.FlowClassifier, "head_loss", diverging)
+    message = exit_message(train_cls_cnn, argv + ["--epochs", "2", "--out", out, "--resume"])
+    assert "head 1" in message and "epoch 2 step 1" in message and "untouched" in message
+    assert open(out, "rb").read() == good
+
+
+@pytest.fixture
+def good_cnn_run(tmp_path):
+    out = str(tmp_path / "good.pt")
+    train_cls_cnn.main(parse(train_cls_cnn, SMALL_CNN + ["--T", "2", "--epochs", "1", "--max-steps", "1", "--out", out]))
+    return out, open(out, "rb").read()
+
+
+def write_image_folder(root, broken):
+    """Two classes of five small PNGs in the ImageFolder layout; `broken` names a file to truncate."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(5):
+            Image.fromarray(g.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    path = root / broken
+    path.write_bytes(path.read_bytes()[:60])  # header only: a truncated download
+    return str(path)
+
+
+def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, monkeypatch, good_cnn_run):
+    """Each case: one line starting 'error: ', a non-zero exit, the good checkpoint byte-identical."""
+    import torchvision.datasets.utils as tvu
+    monkeypatch.setattr(tvu, "download_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    out, good = good_cnn_run
+    cases = []
+
+    def case(module, argv, *expect):
+        message = exit_message(module, argv)
+        assert all(e in message for e in expect), message
+        assert open(out, "rb").read() == good
+        cases.append(message)
+
+    empty = tmp_path / "empty"
+    os.makedirs(empty / "imagenet-r")
+    ft = TINY_FT + ["--no-pretrained", "--depth", "1", "--out", str(tmp_path / "ft.pt")]
+    case(finetune_vit, ft[:1] + ["imagenet-r", "--data", str(empty)] + ft[2:], "holds no images")  # empty --data
+    case(finetune_vit, ft[:1] + ["imagenet-r", "--data", str(tmp_path / "none")] + ft[2:], "not found")
+    broken = write_image_folder(tmp_path / "inr" / "imagenet-r", "a/3.png")
+    case(finetune_vit, ft[:1] + ["imagenet-r", "--data", str(tmp_path / "inr"), "--workers", "1",
+                                 "--max-steps", "4", "--bs", "2"] + ft[2:], "unreadable image", broken)
+    data = str(tmp_path / "voc")
+    case(det, SMALL_DET + ["--dataset", "voc2007", "--data", data, "--out", str(tmp_path / "d.pt")], "not found")
+    base = det.write_minivoc(data, n_train=8, n_test=4)
+    xml = os.path.join(base, "Annotations", "000002.xml")
+    text = open(xml).read()
+    open(xml, "w").write(text.replace("</annotation>", ""))
+    case(det, SMALL_DET + ["--data", data, "--out", str(tmp_path / "d.pt")], "malformed annotation", xml)
+    import re
+    open(xml, "w").write(re.sub(r"<xmax>\d+</xmax>", "<xmax>0</xmax>", text, count=1))
+    case(det, SMALL_DET + ["--data", data, "--out", str(tmp_path / "d.pt")], "xmax <= xmin", xml)
+    open(xml, "w").write(text)
+    jpg = os.path.join(base, "JPEGImages", "000002.jpg")
+    open(jpg, "wb").write(open(jpg, "rb").read()[:200])
+    case(det, SMALL_DET + ["--data", data, "--max-steps", "3", "--out", str(tmp_path / "d.pt")], "unreadable image", jpg)
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "r18.pth")
+    case(det, [a for a in SMALL_DET if a != "--no-pretrained"] + ["--data", data, "--weights", str(tmp_path / "r18.pth"),
+                                                                 "--out", str(tmp_path / "d.pt")], "does not fit", "missing")
+    cnn = SMALL_CNN + ["--T", "2", "--epochs", "2", "--max-steps", "1", "--out", out]
+    case(train_cls_vit, SMALL_VIT + ["--out", out, "--resume"], "written by train_cls_cnn.py")  # another script
+    case(train_cls_cnn, cnn[:-4] + ["--T", "3", "--out", out, "--resume"], "different T")  # other architecture
+    case(train_cls_cnn, cnn, "exists", "--resume")  # a new run over a good checkpoint
+    case(train_cls_cnn, cnn[:-2] + ["--out", str(tmp_path / "nothing.pt"), "--resume"], "no checkpoint")
+    (tmp_path / "half.pt").write_bytes(good[: len(good) // 2])
+    case(train_cls_cnn, cnn[:-2] + ["--out", str(tmp_path / "half.pt"), "--resume"], "not a loadable checkpoint")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    case(train_cls_cnn, cnn[:-2] + ["--out", str(tmp_path / "text.pt"), "--resume"], "not a loadable checkpoint")
+    case(train_cls_cnn, cnn + ["--method", "bp", "--mode", "sequential"], "does not apply to --method bp")
+    case(det, SMALL_DET + ["--method", "bp", "--mode", "sequential", "--out", out], "does not apply to --method bp")
+    case(train_cls_cnn, cnn + ["--method", "bp", "--time-split"], "does not apply to --method bp")
+    case(train_cls_cnn, cnn + ["--bs", "0"], "--bs must be at least 1")
+    print("\n".join(cases))  # pytest -s shows the messages (quoted in the README)

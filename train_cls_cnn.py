@@ -120,7 +120,7 @@ def build_data(args):
         test_tf = v2.Compose([v2.Resize(size, antialias=True)] + to_tensor)
     train, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf)
     in_ch = 1 if args.dataset in ("digits", "mnist") else 3
-    return core.WithIndex(train), core.WithIndex(test), num_classes, in_ch
+    return core.Seeded(core.WithIndex(train), args.seed), core.WithIndex(test), num_classes, in_ch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +190,7 @@ def train_step(model, x, y, heads, args, device, forward=None, index=None, noise
 def main(args):
     device = core.init_distributed(args.device)
     core.seed_everything(args.seed)
+    core.check_flags(args)
     try:
         train_set, test_set, num_classes, in_ch = build_data(args)
     except core.DataError as e:

@@ -28,6 +28,7 @@ real VOC on-disk format under --data and read by the same loader as VOC 2007):
     python train_det_voc.py --dataset minivoc --backbone resnet18 --no-pretrained --out runs/det.pt
 """
 import argparse
+import math
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -72,8 +73,12 @@ def get_args_parser():
     p.add_argument("--z0-std", type=float, default=1.0, help="std of the noise z0 (paper: 1)")
     p.add_argument("--flow-weight", type=float, default=0.1, help="weight of the flow MSE (paper 0.1)")
     p.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
+    p.add_argument("--aux-loss", action="store_true", help="bp: DETR's matching loss after every decoder layer")
     # model
-    p.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50"], help="ResNet")
+    p.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "tiny"],
+                   help="torchvision ResNet, or tiny: a small CNN from random init for CPU runs")
+    p.add_argument("--stride", type=int, default=None, choices=[8, 16, 32],
+                   help="memory from layer4 (32, paper), layer3 (16) or layer2 (8); minivoc default 16")
     p.add_argument("--weights", default=None, help="local torchvision state dict of the backbone (offline)")
     p.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
     p.add_argument("--dim", type=int, default=128, help="d: memory and slot width")
@@ -110,6 +115,10 @@ def apply_method_defaults(args, argv):
         args.img_size = 128 if minivoc else 256
     if args.epochs is None:
         args.epochs = 30 if minivoc else 50
+    if args.stride is None:
+        args.stride = 16 if minivoc else 32
+    if args.backbone == "tiny":  # nothing to download
+        args.no_pretrained = True
     given = {a.split("=")[0] for a in argv}
     if args.method == "bp" and "--mode" not in given:  # the default schedule is for flow blocks
         args.mode = "parallel"
@@ -339,8 +348,8 @@ def build_data(args):
     train_tf = v2.Compose([v2.RandomHorizontalFlip(), v2.Resize(size, antialias=True)] + norm)
     test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
     download = args.dataset == "voc2007"
-    return VOCData(args.data, "trainval", classes, train_tf, download), VOCData(args.data, "test", classes, test_tf,
-                                                                               download), classes
+    train = core.Seeded(VOCData(args.data, "trainval", classes, train_tf, download), args.seed)  # seeded flips
+    return train, VOCData(args.data, "test", classes, test_tf, download), classes
 
 
 def collate(batch):
@@ -355,15 +364,31 @@ class WeightsError(RuntimeError):
     """Backbone weights that cannot be had (offline) or do not fit; one-line message."""
 
 
-def build_resnet(name, weights_file=None, pretrained=True):
-    """torchvision ResNet trunk (up to layer4) with ImageNet weights from torchvision's download, a
-    local state dict (--weights), or random init."""
+def build_tiny(stride):
+    """A small CNN for CPU quickstarts (random init only): log2(stride) stages of 3x3 conv with
+    stride 2, BatchNorm and ReLU, with 32, 64, 128, 256, 256 channels."""
+    layers, c_in = [], 3
+    for c in [32, 64, 128, 256, 256][:int(math.log2(stride))]:
+        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers), c_in
+
+
+def build_resnet(name, weights_file=None, pretrained=True, stride=32):
+    """torchvision ResNet trunk with ImageNet weights from torchvision's download, a local state dict
+    (--weights), or random init; up to layer4 (stride 32, the paper), layer3 (16) or layer2 (8)."""
+    if name == "tiny":
+        if weights_file:
+            raise WeightsError("--backbone tiny has no pretrained weights; drop --weights")
+        return build_tiny(stride)
     net = getattr(torchvision.models, name)(weights=None)
     if weights_file:
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as e:
             raise WeightsError(f"cannot read weights file {weights_file} ({type(e).__name__})") from None
+        if not isinstance(state, dict):
+            raise WeightsError(f"{weights_file} holds no state dict")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -379,7 +404,8 @@ def build_resnet(name, weights_file=None, pretrained=True):
         except Exception as e:
             raise WeightsError(f"cannot get ImageNet weights for {name} ({type(e).__name__}: offline?); pass "
                                f"--weights FILE (a torchvision state dict) or --no-pretrained") from None
-    return nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
+    drop = {32: 0, 16: 1, 8: 2}[stride]  # layers dropped from the end: layer4, then layer3
+    return nn.Sequential(*list(net.children())[:-2 - drop]), net.fc.in_features // 2 ** drop
 
 
 def sine_position(h, w, dim, device):
@@ -396,9 +422,9 @@ def sine_position(h, w, dim, device):
 class ImageMemory(nn.Module):
     """ResNet trunk -> 1x1 conv to d -> [B, HW, d] memory with the sine position added."""
 
-    def __init__(self, name, dim, weights_file=None, pretrained=True):
+    def __init__(self, name, dim, weights_file=None, pretrained=True, stride=32):
         super().__init__()
-        self.trunk, channels = build_resnet(name, weights_file, pretrained)
+        self.trunk, channels = build_resnet(name, weights_file, pretrained, stride)
         self.proj = nn.Conv2d(channels, dim, 1)
 
     def forward(self, x):
@@ -463,18 +489,26 @@ class DETRBaseline(nn.Module):
         self.class_head, self.box_head = nn.Linear(dim, num_classes + 1), nn.Linear(dim, 4)
         self.num_classes = num_classes
 
-    def forward(self, x):
-        memory = self.backbone(x)[0]
-        h = self.queries[None].expand(x.shape[0], -1, -1)
-        for layer in self.layers:
-            h = layer(h, memory)
+    def decode(self, h):
         h = self.norm(h)
         return self.class_head(h).float(), self.box_head(h).float().sigmoid()
+
+    def forward(self, x, every_layer=False):
+        """(logits, boxes) of the last layer, or with every_layer a list of them after each layer
+        (DETR's auxiliary decoding losses)."""
+        memory = self.backbone(x)[0]
+        h = self.queries[None].expand(x.shape[0], -1, -1)
+        outs = []
+        for layer in self.layers:
+            h = layer(h, memory)
+            if every_layer:
+                outs.append(self.decode(h))
+        return outs if every_layer else self.decode(h)
 
 
 def build_model(args, num_classes):
     """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
-    memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained)
+    memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained, getattr(args, "stride", 32))
     if args.method == "bp":
         return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T)
     blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout) for _ in range(args.T)]
@@ -637,8 +671,8 @@ def train_step(model, x, targets, blocks, args, device, forward=None, index=None
     x = x.to(device, non_blocking=True)
     with core.autocast(device, args.amp):
         if args.method == "bp":
-            logits, boxes = (forward or model)(x)
-            loss = detection_loss(logits, boxes, targets, model.num_classes)
+            outs = (forward or model)(x, every_layer=True) if args.aux_loss else [(forward or model)(x)]
+            loss = sum(detection_loss(logits, boxes, targets, model.num_classes) for logits, boxes in outs)
             if not torch.isfinite(loss):
                 raise core.NonFiniteLoss("bp", loss.item())
             loss.backward()
@@ -661,11 +695,11 @@ def summary(record):
 def main(args):
     device = core.init_distributed(args.device)
     core.seed_everything(args.seed)
-    if args.method == "bp" and args.mode == "sequential":
-        sys.exit("error: --mode sequential trains flow blocks one at a time; it does not apply to --method bp")
+    core.check_flags(args)
     try:
         train_set, test_set, classes = build_data(args)
         model = build_model(args, len(classes)).to(device)
+        overflow = sum(len(train_set.dataset.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
     except (core.DataError, WeightsError) as e:
         sys.exit(f"error: {e}")
     if args.eval_limit:
@@ -680,11 +714,11 @@ def main(args):
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop], 0.1)  # stepped per epoch
     if core.is_main():
-        overflow = sum(len(train_set.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
         print(f"{args.method} on {args.dataset}: {args.backbone} T={args.T} mode={args.mode} coupling={args.coupling} "
               f"M={args.slots} device={device}; {overflow} training images have more than {args.slots} objects "
               f"(first {args.slots} kept as targets)")
-    arch = ("method", "dataset", "T", "backbone", "dim", "slots", "nheads", "ffn", "img_size", "no_guard", "z0_std")
+    arch = ("method", "dataset", "T", "backbone", "stride", "dim", "slots", "nheads", "ffn", "img_size", "no_guard",
+            "z0_std")
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
                     lambda m: evaluate(m, test_loader, args, device, len(classes)), summary,
