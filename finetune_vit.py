@@ -80,9 +80,11 @@ def get_args_parser():
     p.add_argument("--weights", default=None, help="local .safetensors or .pth state dict of the backbone")
     p.add_argument("--img-size", type=int, default=None, help="input size (random init or --weights; else the model's)")
     p.add_argument("--patch", type=int, default=None, help="patch size (random init or --weights)")
-    p.add_argument("--depth", type=int, default=None, help="transformer blocks (random init or --weights; else the model's)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="transformer blocks (random init or --weights; else the model's; digits from scratch 4)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in the heads")
-    p.add_argument("--feat-norm", default="none", choices=["none", "batch"], help="standardise token features per channel before the heads")
+    p.add_argument("--feat-norm", default="none", choices=["none", "batch"],
+                   help="batch: standardise the token features per channel (BatchNorm, no affine) before the heads")
     # optimisation
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the dataset's setup)")
     p.add_argument("--bs", type=int, default=None, help="batch size (default: the dataset's setup)")
