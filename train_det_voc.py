@@ -682,7 +682,8 @@ def train_step(model, x, targets, blocks, args, device, forward=None, index=None
     x = x.to(device, non_blocking=True)
     with core.autocast(device, args.amp):
         if args.method == "bp":
-            outs = (forward or model)(x, every_layer=True) if args.aux_loss else [(forward or model)(x)]
+            aux = getattr(args, "aux_loss", False)  # checkpoints from before the flag: no auxiliary losses
+            outs = (forward or model)(x, every_layer=True) if aux else [(forward or model)(x)]
             loss = sum(detection_loss(logits, boxes, targets, model.num_classes) for logits, boxes in outs)
             if not torch.isfinite(loss):
                 raise core.NonFiniteLoss("bp", loss.item())
