@@ -685,11 +685,20 @@ def epoch_batches(dataset, bs, epoch, seed, drop_last):
     return list(BatchSampler(sampler, bs, drop_last))
 
 
-def steps_per_epoch(dataset, args):
-    """Optimiser steps per epoch (the sequential schedule makes T passes), for building schedulers."""
+def passes_per_epoch(args):
+    """T in the sequential schedule (Algorithm 1: a full pass per flow head), else 1."""
+    return args.T if args.method == "fm" and args.mode == "sequential" else 1
+
+
+def steps_per_pass(dataset, args):
+    """Optimiser steps in one pass over this process's share of `dataset` (capped by --max-steps)."""
     steps = len(epoch_batches(dataset, args.bs, 0, args.seed, len(dataset) > args.bs * world_size()))
-    steps = min(steps, args.max_steps) if args.max_steps else steps
-    return steps * (args.T if args.method == "fm" and args.mode == "sequential" else 1)
+    return min(steps, args.max_steps) if args.max_steps else steps
+
+
+def steps_per_epoch(dataset, args):
+    """Optimiser steps per epoch, for building schedulers."""
+    return steps_per_pass(dataset, args) * passes_per_epoch(args)
 
 
 def sync_gradients(params):
@@ -788,10 +797,8 @@ def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evalua
     """
     device = next(model.parameters()).device
     world, blockwise = world_size(), args.method == "fm"
-    passes = args.T if (blockwise and args.mode == "sequential") else 1
+    passes, per_pass = passes_per_epoch(args), steps_per_pass(train_set, args)
     drop_last = len(train_set) > args.bs * world
-    per_pass = len(epoch_batches(train_set, args.bs, 0, args.seed, drop_last))
-    per_pass = min(per_pass, args.max_steps) if args.max_steps else per_pass
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
     try:
         start_epoch, position = start_or_resume(args.out, script, vars(args), arch, args.resume, model, optimizer,
