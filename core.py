@@ -445,7 +445,7 @@ def endpoint(zt, v, t):
 
 
 def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_min=0.0,
-                       reduction="mean", detach_target=False, z0=None, t=None, t_dist="uniform"):
+                       reduction="mean", detach_target=False, z0=None, t=None, t_dist="uniform", weight=None):
     """The flow part of head k's local loss.
 
     head(zt, feat, t) -> v. z1: [B, ...] targets. Returns (mse, z1_hat).
@@ -455,6 +455,7 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
     detach_target: the head's input zt and the regression target u see z1 through a stop-gradient,
     so the flow loss cannot move the targets (the collapse guard, see ClassEmbedding); z1_hat still
     carries the gradient d z1_hat / d z1 = t, so the anchor (task) loss does move them.
+    weight: optional per-sample factor [B] on the squared error (a function of t, say).
     """
     z1_flow = z1.detach() if detach_target else z1
     z0 = torch.randn_like(z1) if z0 is None else z0
@@ -462,6 +463,8 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
     zt, u = path(z0, z1_flow, t, sigma_min)
     v = head(zt, feat, t)
     err = (v - u).to(torch.promote_types(v.dtype, torch.float32)) ** 2  # fp32 at least, also under bf16
+    if weight is not None:
+        err = err * weight.view(-1, *([1] * (err.dim() - 1)))
     mse = err.mean() if reduction == "mean" else err.flatten(1).sum(1).mean()
     z1_hat = endpoint(zt, v, t)
     if detach_target:  # same value; routes the anchor gradient into z1 through zt's t * z1 term

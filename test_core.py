@@ -481,9 +481,52 @@ def test_ot_coupling_puts_each_object_in_its_nearest_slot():
     z0 = torch.tensor([[[10.0, 0], [0, 10], [0, 0]]])
     z1 = torch.tensor([[[0.0, 9], [9, 0], [1, 1]]])  # object a near slot 1, object b near slot 0, background
     classes = torch.tensor([[0, 1, 2]])  # class 2 = background
-    z1_out, cls_out = det.ot_coupling(z0, z1, classes, num_classes=2)
+    cls_out, z1_out, _ = det.ot_coupling(z0, z1, classes, torch.zeros(1, 3, 4), num_classes=2)
     assert cls_out.tolist() == [[1, 0, 2]]
     torch.testing.assert_close(z1_out[0], z1[0, [1, 0, 2]])
+
+
+def test_anchor_coupling_gives_each_object_its_nearest_point_whatever_the_annotation_order():
+    anchors = det.anchor_points(4)
+    assert anchors.shape == (4, 2) and 0 <= anchors.min() and anchors.max() <= 1
+    assert torch.cdist(anchors, anchors).add(torch.eye(4)).min() > 0.3  # spread out, not clumped
+    # object a sits on anchor 2, object b on anchor 0; class 3 = background
+    boxes = torch.zeros(1, 4, 4)
+    boxes[0, 0, :2], boxes[0, 1, :2] = anchors[2], anchors[0]
+    boxes[0, :2, 2:] = 0.1
+    classes = torch.tensor([[1, 2, 3, 3]])
+    z1 = torch.arange(4.0).view(1, 4, 1)
+    cls, z, b = det.anchor_coupling(z1, classes, boxes, anchors, num_classes=3)
+    assert cls.tolist() == [[2, 3, 1, 3]]
+    assert z[0, :, 0].tolist()[0] == 1 and z[0, 2, 0] == 0  # the latents moved with their objects
+    torch.testing.assert_close(b[0, 2], boxes[0, 0])
+    swapped = det.anchor_coupling(z1[:, [1, 0, 2, 3]], classes[:, [1, 0, 2, 3]], boxes[:, [1, 0, 2, 3]], anchors, 3)
+    assert swapped[0].tolist() == cls.tolist()  # the image decides, not the annotation order
+
+
+def test_set_loss_on_fixed_slots_equals_the_hungarian_loss_when_the_matching_agrees():
+    gt = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])
+    targets = [{"labels": torch.tensor([0, 1]), "boxes_norm": gt}]
+    logits = torch.randn(1, 3, 3)
+    logits[0, 2, 0], logits[0, 0, 1] = 6, 6  # slot 2 says class 0, slot 0 class 1
+    boxes = torch.stack([gt[1] + 0.01, torch.tensor([0.5, 0.5, 0.1, 0.1]), gt[0] - 0.02])[None]
+    slots_cls = torch.tensor([[1, 2, 0]])
+    slots_box = torch.stack([gt[1], torch.zeros(4), gt[0]])[None]
+    fixed = det.set_loss(logits, boxes, slots_cls, slots_box, num_classes=2)
+    torch.testing.assert_close(fixed, det.detection_loss(logits, boxes, targets, num_classes=2))
+    wrong = det.set_loss(logits, boxes, slots_cls[:, [2, 1, 0]], slots_box[:, [2, 1, 0]], num_classes=2)
+    assert wrong > fixed + 1  # a fixed assignment is not re-matched
+
+
+def test_endpoint_parametrisation_decodes_the_block_output_exactly():
+    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "2",
+                       "--predict", "endpoint", "--coupling", "anchor"])
+    model = det.build_model(args, 3).eval()
+    z, memory, t = torch.randn(2, 4, 32), [torch.randn(2, 5, 32)], torch.tensor([0.3, 0.9])
+    out = model.heads[1](z, memory[0], t, model.query())
+    v = model.velocity(1, z, memory, t)
+    torch.testing.assert_close(core.endpoint(z, v, t), out, atol=1e-5, rtol=1e-5)
+    assert model.queries is not None and all(h.slot is None for h in model.heads)  # anchor: shared queries
 
 
 def test_hungarian_match_finds_the_permutation():

@@ -69,7 +69,18 @@ def get_args_parser():
     p.add_argument("--mode", default=None, choices=["parallel", "sequential"],
                    help="schedule: Algorithm 1 (a full pass per block) or every batch trains all blocks")
     p.add_argument("--T", type=int, default=4, help="flow blocks (bp: decoder layers)")
-    p.add_argument("--coupling", default="index", choices=["index", "ot"], help="object-to-slot assignment")
+    p.add_argument("--coupling", default="index", choices=["index", "ot", "match", "anchor"],
+                   help="object-to-slot assignment of the flow path: annotation order, nearest noise (OT), the "
+                        "block's own t=0 prediction (match), or fixed reference points (anchor)")
+    p.add_argument("--assign", default=None, choices=["hungarian", "coupling"],
+                   help="detection loss: fresh Hungarian matching of z1_hat (paper), or the coupling's slot "
+                        "targets (default for --coupling anchor)")
+    p.add_argument("--predict", default="velocity", choices=["velocity", "endpoint"],
+                   help="block output: the velocity v (paper), or the endpoint z1_hat with v = (z1_hat - z_t) / (1 - t); "
+                        "endpoint weights the flow MSE by (1 - t)^2, i.e. it is ||z1_hat - z1||^2")
+    p.add_argument("--queries", default="block", choices=["block", "shared"],
+                   help="slot queries added to each block's input: its own (init 0.02) or one set for all blocks "
+                        "(init N(0, 1), as DETR's)")
     p.add_argument("--time-split", action="store_true", help="block k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
@@ -133,6 +144,10 @@ def apply_method_defaults(args, argv):
     given = {a.split("=")[0] for a in argv}
     if args.method == "bp" and "--mode" not in given:
         args.mode = "parallel"
+    if args.assign is None:
+        args.assign = "coupling" if args.coupling == "anchor" else "hungarian"
+    if args.coupling == "anchor" and "--queries" not in given:
+        args.queries = "shared"  # slot j means anchor j to every block
     if args.backbone == "tiny":  # nothing to download
         args.no_pretrained = True
     return args
@@ -419,15 +434,19 @@ def build_resnet(name, weights_file=None, pretrained=True, stride=32):
     return nn.Sequential(*list(net.children())[:-2 - drop]), net.fc.in_features // 2 ** drop
 
 
-def sine_position(h, w, dim, device):
-    """2-D sine positional encoding (DETR), [h * w, dim]: half the channels encode y, half x."""
+def sine_encoding(xy, dim):
+    """DETR's 2-D sine encoding of points xy [N, 2] (x, y in [0, 1]) -> [N, dim]: half the channels
+    encode y, half x."""
     quarter = dim // 4
-    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=device) / quarter))
-    ys = (torch.arange(h, device=device).float() + 0.5) / h * 2 * torch.pi
-    xs = (torch.arange(w, device=device).float() + 0.5) / w * 2 * torch.pi
-    ey = torch.cat([(ys[:, None] * freqs).sin(), (ys[:, None] * freqs).cos()], -1)  # [h, dim/2]
-    ex = torch.cat([(xs[:, None] * freqs).sin(), (xs[:, None] * freqs).cos()], -1)  # [w, dim/2]
-    return torch.cat([ey[:, None].expand(h, w, -1), ex[None].expand(h, w, -1)], -1).reshape(h * w, dim)
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=xy.device) / quarter))
+    ay, ax = (xy[:, 1:2] * 2 * torch.pi * freqs), (xy[:, 0:1] * 2 * torch.pi * freqs)
+    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], -1)
+
+
+def sine_position(h, w, dim, device):
+    """Sine encoding of the centres of an h x w grid, row-major: [h * w, dim]."""
+    ys, xs = ((torch.arange(n, device=device).float() + 0.5) / n for n in (h, w))
+    return sine_encoding(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2), dim)
 
 
 class ImageMemory(nn.Module):
@@ -446,29 +465,35 @@ class ImageMemory(nn.Module):
 
 class FlowBlock(nn.Module):
     """v_k for M slots: a transformer decoder layer (self-attention over slots, cross-attention to the
-    memory, FFN; LayerNorm only) on z_t + e_t + slot embedding, then a linear map to the velocity.
-    z: [B, M, d], memory: [B, N, d], t: [B] -> [B, M, d]."""
+    memory, FFN; LayerNorm only) on z_t + e_t + slot query, then a linear map to the velocity.
+    z: [B, M, d], memory: [B, N, d], t: [B], query: [M, d] (the detector's shared slot queries; None:
+    this block's own) -> [B, M, d]."""
 
-    def __init__(self, dim, slots, nheads, ffn, dropout):
+    def __init__(self, dim, slots, nheads, ffn, dropout, own_query=True):
         super().__init__()
         self.time = core.TimeEmbedding(dim)
-        self.slot = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        self.slot = nn.Parameter(torch.randn(slots, dim) * 0.02) if own_query else None
         self.layer = nn.TransformerDecoderLayer(dim, nheads, ffn, dropout, batch_first=True, norm_first=True)
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
 
-    def forward(self, z, memory, t):
-        return self.out(self.layer(z + self.time(t)[:, None] + self.slot[None], memory))
+    def forward(self, z, memory, t, query=None):
+        query = self.slot if query is None else query if self.slot is None else self.slot + query
+        return self.out(self.layer(z + self.time(t)[:, None] + query[None], memory))
 
 
 class FlowDetector(nn.Module):
-    """Backbone memory + T flow blocks + target embeddings (W_class, W_box) + shared decoders."""
+    """Backbone memory + T flow blocks + target embeddings (W_class, W_box) + shared decoders.
+    queries: [M, d] slot queries shared by every block (--queries shared), or None (each block its own)."""
 
-    def __init__(self, memory, blocks, num_classes, dim, guard=True):
+    def __init__(self, memory, blocks, num_classes, dim, guard=True, queries=None, predict="velocity",
+                 anchors=None):
         super().__init__()
         self.backbone, self.heads = memory, nn.ModuleList(blocks)
         self.w_class = nn.Embedding(num_classes + 1, dim)  # index C = background
         self.w_box = nn.Linear(4, dim, bias=False)
         self.class_head, self.box_head = nn.Linear(dim, num_classes + 1), nn.Linear(dim, 4)
+        self.queries, self.predict = queries, predict
+        self.register_buffer("anchors", anchors, persistent=False)  # --coupling anchor: [M, 2] points, or None
         self.num_classes, self.dim, self.guard = num_classes, dim, guard
 
     @property
@@ -484,7 +509,24 @@ class FlowDetector(nn.Module):
         return self.class_head(z).float(), self.box_head(z).float().sigmoid()
 
     def velocity(self, k, z, feats, t):
-        return self.heads[k](z, feats[0], t)
+        """v_k(z_t, t). predict='endpoint': the block's output f is the endpoint z1_hat and
+        v = (f - z_t) / (1 - t), the same field parametrised so that z_t + (1 - t) v = f exactly."""
+        out = self.heads[k](z, feats[0], t, self.query())
+        if self.predict == "velocity":
+            return out
+        return (out - z) / (1 - t).view(-1, 1, 1)
+
+    def query(self):
+        """Slot queries [M, d] added to every block's input (None: each block its own), plus with
+        --coupling anchor the sine encoding of each slot's reference point, so slot j looks near it."""
+        if self.anchors is None:
+            return self.queries
+        code = sine_encoding(self.anchors, self.dim)
+        return code if self.queries is None else self.queries + code
+
+    def head(self, k):
+        """Block k as head(z_t, memory, t) -> v, the signature of core.flow_matching_loss."""
+        return lambda z, memory, t: self.velocity(k, z, [memory], t)
 
 
 class DETRBaseline(nn.Module):
@@ -522,8 +564,13 @@ def build_model(args, num_classes):
     memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained, getattr(args, "stride", 32))
     if args.method == "bp":
         return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T)
-    blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout) for _ in range(args.T)]
-    return FlowDetector(memory, blocks, num_classes, args.dim, guard=not args.no_guard)
+    shared = getattr(args, "queries", "block") == "shared"  # checkpoints from before --queries: per block
+    blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout, own_query=not shared)
+              for _ in range(args.T)]
+    queries = nn.Parameter(torch.randn(args.slots, args.dim)) if shared else None  # N(0, I), as DETR's
+    return FlowDetector(memory, blocks, num_classes, args.dim, guard=not args.no_guard, queries=queries,
+                        predict=getattr(args, "predict", "velocity"),
+                        anchors=anchor_points(args.slots) if getattr(args, "coupling", "") == "anchor" else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,29 +590,82 @@ def slot_targets(targets, slots, num_classes, device):
     return classes.to(device), boxes.to(device), overflow
 
 
-def ot_coupling(z0, z1, classes, num_classes):
-    """Assign each image's objects to the slots whose noise is closest (min total squared distance,
-    scipy's linear_sum_assignment); background targets fill the remaining slots. Returns z1, classes
-    permuted so that slot j holds its assigned target. z0, z1: [B, M, d]; classes [B, M]."""
-    z1_out, cls_out = z1.clone(), classes.clone()
-    for i in range(z0.shape[0]):
-        objects = (classes[i] != num_classes).nonzero().squeeze(1)
+def reorder_slots(assignments, classes, num_classes, *tensors):
+    """Put object obj_idx[n] of image i (its n-th object slot, in annotation order) into slot
+    slot_idx[n]; the background targets fill the other slots. assignments: per image (slot_idx,
+    obj_idx) over its object slots. Returns classes [B, M] and every tensor [B, M, ...] permuted."""
+    out = [classes.clone()] + [x.clone() for x in tensors]
+    for i, (slot_idx, obj_idx) in enumerate(assignments):
+        objects = (classes[i] != num_classes).nonzero().squeeze(1).cpu()
         if len(objects) == 0:
             continue
-        cost = torch.cdist(z0[i].detach().float(), z1[i, objects].detach().float()).pow(2)  # [M, G]
-        slot_idx, obj_idx = linear_sum_assignment(cost.cpu().numpy())
-        background = [j for j in range(z0.shape[1]) if j not in set(slot_idx.tolist())]
-        order = torch.empty(z0.shape[1], dtype=torch.long)
+        order = torch.empty(classes.shape[1], dtype=torch.long)
         order[torch.as_tensor(slot_idx)] = objects[torch.as_tensor(obj_idx)]
-        rest = [j for j in range(z0.shape[1]) if j not in set(objects.tolist())]
-        order[torch.as_tensor(background, dtype=torch.long)] = torch.as_tensor(rest, dtype=torch.long)
-        z1_out[i], cls_out[i] = z1[i, order.to(z1.device)], classes[i, order.to(z1.device)]
-    return z1_out, cls_out
+        free = sorted(set(range(classes.shape[1])) - set(torch.as_tensor(slot_idx).tolist()))
+        rest = sorted(set(range(classes.shape[1])) - set(objects.tolist()))
+        order[torch.as_tensor(free, dtype=torch.long)] = torch.as_tensor(rest, dtype=torch.long)
+        for x, src in zip(out, (classes, *tensors)):
+            x[i] = src[i, order.to(src.device)]
+    return out
+
+
+def ot_coupling(z0, z1, classes, boxes, num_classes):
+    """--coupling ot: each image's objects go to the slots whose noise is closest (min total squared
+    distance, scipy's linear_sum_assignment), so each slot's straight path is short."""
+    assignments = []
+    for i in range(z0.shape[0]):
+        objects = (classes[i] != num_classes).nonzero().squeeze(1)
+        cost = torch.cdist(z0[i].detach().float(), z1[i, objects].detach().float()).pow(2)  # [M, G]
+        assignments.append(linear_sum_assignment(cost.cpu().numpy()))
+    return reorder_slots(assignments, classes, num_classes, z1, boxes)
+
+
+@torch.no_grad()
+def match_coupling(model, k, memory, z0, z1, classes, boxes):
+    """--coupling match: each image's objects go to the slots that block k, started from z0 at t = 0
+    (the first inference step), would predict them in: DETR's Hungarian matching (class 1, L1 5,
+    GIoU 2) of that prediction to the slot targets. Slot j's path then ends at the object slot j
+    would find, so the flow loss and the set loss agree on who owns which object."""
+    t0 = torch.zeros(len(z0), device=z0.device)
+    logits, pred = model.decode(z0 + model.velocity(k, z0, [memory], t0).float())
+    assignments = []
+    for i in range(len(z0)):
+        objects = (classes[i] != model.num_classes).nonzero().squeeze(1)
+        cost = match_cost(logits[i].softmax(-1), pred[i], classes[i, objects], boxes[i, objects])
+        assignments.append(linear_sum_assignment(cost.cpu().numpy()))
+    return reorder_slots(assignments, classes, model.num_classes, z1, boxes)
+
+
+def anchor_points(m):
+    """m fixed reference points spread evenly over the image, [m, 2] (x, y) in [0, 1]: the R2
+    low-discrepancy sequence (Roberts 2018), so any M gets an even cover."""
+    g = 1.32471795724474602596  # the plastic number
+    n = torch.arange(1, m + 1, dtype=torch.float64)
+    return torch.stack([(0.5 + n / g) % 1, (0.5 + n / g ** 2) % 1], 1).float()
+
+
+def anchor_coupling(z1, classes, boxes, anchors, num_classes):
+    """--coupling anchor: each image's objects go to fixed reference points, one per slot, by the
+    minimum total L1 distance between box centre and point. The assignment is a function of the
+    image alone (not of z0, not of the block), so every block, every t and the inference path agree
+    on which slot owns which object."""
+    assignments = []
+    for i in range(len(z1)):
+        objects = (classes[i] != num_classes).nonzero().squeeze(1)
+        cost = torch.cdist(anchors.to(boxes.device), boxes[i, objects, :2], p=1)  # [M, G]
+        assignments.append(linear_sum_assignment(cost.cpu().numpy()))
+    return reorder_slots(assignments, classes, num_classes, z1, boxes)
+
+
+def match_cost(prob, boxes, gt_labels, gt_boxes):
+    """DETR's matching cost [M, G]: -p[class] + 5 L1 - 2 GIoU. prob [M, C + 1], boxes [M, 4] cxcywh."""
+    return (-prob[:, gt_labels] + 5 * torch.cdist(boxes, gt_boxes, p=1)
+            - 2 * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")))
 
 
 @torch.no_grad()
 def hungarian_match(logits, boxes, targets):
-    """Per image: (pred_idx, gt_idx) minimising 1 * (-p[class]) + 5 * L1 + 2 * (-GIoU) (DETR costs)."""
+    """Per image: (pred_idx, gt_idx) minimising match_cost (DETR)."""
     out = []
     prob = logits.softmax(-1)
     for i, t in enumerate(targets):
@@ -573,32 +673,36 @@ def hungarian_match(logits, boxes, targets):
         if len(gt_labels) == 0:
             out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
             continue
-        cost = (-prob[i][:, gt_labels] + 5 * torch.cdist(boxes[i], gt_boxes, p=1)
-                - 2 * generalized_box_iou(box_convert(boxes[i], "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")))
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        rows, cols = linear_sum_assignment(match_cost(prob[i], boxes[i], gt_labels, gt_boxes).cpu().numpy())
         out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
     return out
 
 
-def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
-    """DETR set loss: CE over all slots (matched -> their class, others -> no-object weighted 0.1),
-    L1 x 5 and GIoU x 2 on matched boxes, box terms averaged over the number of ground-truth boxes."""
-    matches = hungarian_match(logits, boxes, targets)
-    target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
-    src, tgt = [], []
-    for i, (rows, cols) in enumerate(matches):
-        target_classes[i, rows] = targets[i]["labels"].to(logits.device)[cols]
-        src.append(boxes[i, rows])
-        tgt.append(targets[i]["boxes_norm"].to(boxes.device)[cols])
+def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=0.1):
+    """DETR's loss once every slot has its target: CE over all slots (no-object weighted 0.1), L1 x 5
+    and GIoU x 2 on the slots that hold an object, box terms averaged over the number of objects.
+    target_classes [B, M] (num_classes = no object), target_boxes [B, M, 4] cxcywh."""
     weight = torch.ones(num_classes + 1, device=logits.device)
     weight[num_classes] = eos_coef
     ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
-    src, tgt = torch.cat(src), torch.cat(tgt)
-    n = max(len(tgt), 1)
-    l1 = F.l1_loss(src, tgt, reduction="sum") / n
+    held = target_classes != num_classes
+    src, tgt = boxes[held], target_boxes[held]
+    if len(tgt) == 0:
+        return ce + src.sum() * 0
+    l1 = F.l1_loss(src, tgt, reduction="sum") / len(tgt)
     giou = (1 - torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"),
-                                               box_convert(tgt, "cxcywh", "xyxy")))).sum() / n if len(tgt) else src.sum() * 0
+                                               box_convert(tgt, "cxcywh", "xyxy")))).sum() / len(tgt)
     return ce + 5 * l1 + 2 * giou
+
+
+def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
+    """DETR set loss: Hungarian matching of the slots to every ground-truth object, then set_loss."""
+    target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
+    target_boxes = torch.zeros_like(boxes)
+    for i, (rows, cols) in enumerate(hungarian_match(logits, boxes, targets)):
+        target_classes[i, rows] = targets[i]["labels"].to(logits.device)[cols]
+        target_boxes[i, rows] = targets[i]["boxes_norm"].to(boxes.device)[cols]
+    return set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef)
 
 
 def block_loss(model, k, feats, targets, slots, args, noise=None):
@@ -610,11 +714,18 @@ def block_loss(model, k, feats, targets, slots, args, noise=None):
     z0, u = noise if noise is not None else (torch.randn_like(z1), None)
     z0 = z0 * args.z0_std
     if args.coupling == "ot":
-        z1, classes = ot_coupling(z0, z1, classes, model.num_classes)
+        classes, z1, boxes = ot_coupling(z0, z1, classes, boxes, model.num_classes)
+    elif args.coupling == "match":
+        classes, z1, boxes = match_coupling(model, k, feats[0], z0, z1, classes, boxes)
+    elif args.coupling == "anchor":
+        classes, z1, boxes = anchor_coupling(z1, classes, boxes, model.anchors, model.num_classes)
     t = core.sample_t(len(z1), k, model.T, args.time_split, z1.device, args.t_dist, u)
-    mse, z1_hat = core.flow_matching_loss(model.heads[k], feats[0], z1, k, model.T, args.time_split, args.sigma_min,
-                                          detach_target=model.guard, z0=z0, t=t)
+    mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, args.time_split, args.sigma_min,
+                                          detach_target=model.guard, z0=z0, t=t,
+                                          weight=(1 - t) ** 2 if model.predict == "endpoint" else None)
     logits, pred_boxes = model.decode(z1_hat)
+    if args.assign == "coupling":  # the slots' own targets: the same assignment as the flow path
+        return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes)
     return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
 
 
@@ -730,7 +841,7 @@ def main(args):
               f"M={args.slots} device={device}; {overflow} training images have more than {args.slots} objects "
               f"(first {args.slots} kept as targets)")
     arch = ("method", "dataset", "T", "backbone", "stride", "dim", "slots", "nheads", "ffn", "img_size", "no_guard",
-            "z0_std")
+            "z0_std", "queries", "predict", "coupling")
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
                     lambda m: evaluate(m, test_loader, args, device, len(classes)), summary,
