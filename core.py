@@ -651,6 +651,20 @@ def is_main():
     return rank() == 0
 
 
+def main_first(fn):
+    """fn() on rank 0 first, then on the other processes: what downloads or writes files (datasets)
+    does it once. If rank 0 fails, the others still get past the barrier and meet the error themselves."""
+    if world_size() == 1:
+        return fn()
+    if is_main():
+        try:
+            return fn()
+        finally:
+            dist.barrier()
+    dist.barrier()
+    return fn()
+
+
 def _comm_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -529,6 +529,24 @@ def test_endpoint_parametrisation_decodes_the_block_output_exactly():
     assert model.queries is not None and all(h.slot is None for h in model.heads)  # anchor: shared queries
 
 
+def test_euler_train_path_starts_block_k_where_inference_does_and_keeps_gradients_local():
+    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "3",
+                       "--coupling", "anchor", "--predict", "endpoint", "--train-path", "euler", "--dropout", "0"])
+    model = det.build_model(args, 3)
+    feats, z0 = [torch.randn(2, 5, 32)], torch.randn(2, 4, 32)
+    z1 = model.targets(torch.tensor([[0, 3, 3, 3], [1, 2, 3, 3]]), torch.rand(2, 4, 4))
+    seen = {}
+    hook = model.heads[2].register_forward_pre_hook(lambda m, inp: seen.update(z=inp[0].detach().clone()))
+    mse, z1_hat = det.euler_path_loss(model, 2, feats, z0, z1)
+    hook.remove()
+    _, path = core.integrate(lambda k, z, t: model.velocity(k, z, feats, t), z0, 3, return_path=True)
+    torch.testing.assert_close(seen["z"], path[1])  # block 2 starts from the Euler state at t = 2/3
+    torch.testing.assert_close(mse, (z1_hat - z1).pow(2).mean())  # endpoint: the error of z1_hat itself
+    (mse + z1_hat.sum()).backward()
+    assert all(p.grad is None for j in (0, 1) for p in model.heads[j].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads[2].parameters())
+
+
 def test_hungarian_match_finds_the_permutation():
     gt_boxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]])
     boxes = torch.stack([gt_boxes[1], torch.tensor([0.5, 0.5, 0.9, 0.9]), gt_boxes[0]])[None]
@@ -552,7 +570,7 @@ def test_postprocess_scales_boxes_to_original_pixels_and_applies_nms():
 
 def test_minivoc_is_real_voc_format_and_flip_moves_boxes(tmp_path):
     base = det.write_minivoc(str(tmp_path), n_train=6, n_test=3)
-    assert sorted(os.listdir(base)) == ["Annotations", "ImageSets", "JPEGImages"]
+    assert sorted(os.listdir(base)) == ["Annotations", "ImageSets", "JPEGImages", "MINIVOC"]
     import torchvision
     voc = torchvision.datasets.VOCDetection(str(tmp_path), year="2007", image_set="trainval")
     assert len(voc) == 6 and voc[0][1]["annotation"]["object"][0]["name"] in det.DIGIT_CLASSES
@@ -563,6 +581,16 @@ def test_minivoc_is_real_voc_format_and_flip_moves_boxes(tmp_path):
     raw = target["boxes"][0]  # 1-based inclusive xyxy
     cx = target["boxes_norm"][0, 0] * w
     assert cx == pytest.approx(w - ((raw[0] - 1) + raw[2]) / 2, abs=1e-3)
+
+
+def test_minivoc_never_overwrites_another_voc_folder(tmp_path):
+    base = det.write_minivoc(str(tmp_path), n_train=3, n_test=2)
+    assert det.write_minivoc(str(tmp_path), n_train=3, n_test=2) == base  # written once, then reused
+    os.remove(os.path.join(base, "MINIVOC"))  # now it looks like real VOC or an older minivoc
+    before = sorted(os.listdir(os.path.join(base, "JPEGImages")))
+    with pytest.raises(core.DataError, match="another dataset"):
+        det.write_minivoc(str(tmp_path), n_train=5, n_test=2)
+    assert sorted(os.listdir(os.path.join(base, "JPEGImages"))) == before
 
 
 def test_malformed_annotation_is_named(tmp_path):

@@ -62,8 +62,11 @@ def get_args_parser():
     p.add_argument("--dataset", default="voc2007", choices=["voc2007", "minivoc"],
                    help="VOC 2007 (trainval / test), or the offline digits-on-canvas set in VOC format")
     p.add_argument("--data", default="data", help="root holding VOCdevkit/ (downloaded / written there)")
-    p.add_argument("--img-size", type=int, default=None, help="square input size (paper 256; minivoc 128)")
+    p.add_argument("--img-size", type=int, default=None, help="square input size (paper 256; minivoc 64)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (VOC 2; minivoc 0)")
+    p.add_argument("--hflip", type=float, default=None,
+                   help="probability of the training horizontal flip (VOC 0.5; minivoc 0: a mirrored digit is "
+                        "another glyph)")
     # method
     p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the DETR-style baseline")
     p.add_argument("--mode", default=None, choices=["parallel", "sequential"],
@@ -75,6 +78,10 @@ def get_args_parser():
     p.add_argument("--assign", default=None, choices=["hungarian", "coupling"],
                    help="detection loss: fresh Hungarian matching of z1_hat (paper), or the coupling's slot "
                         "targets (default for --coupling anchor)")
+    p.add_argument("--train-path", default="line", choices=["line", "euler"],
+                   help="where block k trains: z_t on the straight line z0 -> z1 at sampled t (paper), or the "
+                        "Euler state that blocks 0..k-1 reach at t = k/T (inference's own path; no gradient "
+                        "crosses blocks)")
     p.add_argument("--predict", default="velocity", choices=["velocity", "endpoint"],
                    help="block output: the velocity v (paper), or the endpoint z1_hat with v = (z1_hat - z_t) / (1 - t); "
                         "endpoint weights the flow MSE by (1 - t)^2, i.e. it is ||z1_hat - z1||^2")
@@ -94,7 +101,7 @@ def get_args_parser():
     p.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "tiny"],
                    help="torchvision ResNet, or tiny: a small CNN from random init for CPU runs")
     p.add_argument("--stride", type=int, default=None, choices=[8, 16, 32],
-                   help="memory from layer4 (32, paper), layer3 (16) or layer2 (8); minivoc default 16")
+                   help="memory from layer4 (32, paper), layer3 (16) or layer2 (8); minivoc default 8")
     p.add_argument("--weights", default=None, help="local torchvision state dict of the backbone (offline)")
     p.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
     p.add_argument("--dim", type=int, default=128, help="d: memory and slot width")
@@ -103,7 +110,7 @@ def get_args_parser():
     p.add_argument("--ffn", type=int, default=512, help="FFN width of each block")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 30)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 40)")
     p.add_argument("--bs", type=int, default=None, help="batch size per process (paper 16; minivoc 8)")
     p.add_argument("--lr", type=float, default=None, help="lr of the blocks, heads and embeddings (paper 1e-4)")
     p.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (paper 1e-5; minivoc: --lr)")
@@ -127,9 +134,9 @@ def get_args_parser():
 # flags left at None: the paper's D.1 setup on VOC; minivoc is a CPU quickstart (README, "Detection")
 SETUPS = {
     "voc2007": dict(backbone="resnet50", img_size=256, stride=32, slots=20, bs=16, lr=1e-4, lr_backbone=1e-5,
-                    epochs=50, lr_drop=20, mode="sequential", workers=2),
+                    epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5),
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
-                    epochs=80, lr_drop=65, mode="parallel", workers=0),
+                    epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0),
 }
 
 
@@ -239,16 +246,26 @@ def voc_eval(dets, gts, num_classes, iou_thresh=0.5, use_07_metric=True):
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-def write_minivoc(root, n_train=480, n_test=120, seed=0):
+MINIVOC_VERSION = "minivoc 2: 64-96 px canvases, 1-5 digits of 12-40 px"
+
+
+def write_minivoc(root, n_train=960, n_test=240, seed=0):
     """Write minivoc once under root/VOCdevkit/VOC2007 in the real VOC layout: JPEGImages/*.jpg,
     Annotations/*.xml (VOC schema: size, object/name/difficult/truncated/bndbox with 1-based pixel
-    coordinates) and ImageSets/Main/{trainval,test}.txt. Each canvas (64-160 px per side, grey
-    noise and random strokes as clutter) holds 1-6 real scikit-learn digits pasted at 12-48 px;
-    digits under 16 px are marked difficult, digits cut by the border are truncated (box clipped).
-    The digit images of the test split come from the held-out 20% of the digits data."""
+    coordinates) and ImageSets/Main/{trainval,test}.txt. Each canvas (64-96 px per side, grey noise
+    and random strokes as clutter) holds 1-5 real scikit-learn digits pasted at 12-40 px; digits
+    under 16 px are marked difficult, digits cut by the border are truncated (box clipped). The
+    digit images of the test split come from the held-out 20% of the digits data. A MINIVOC file
+    records the version; a VOC2007 folder without it (real VOC, an older minivoc) is never touched:
+    core.DataError instead. (Version 1, used for the first README measurements, had 64-160 px
+    canvases, 1-6 digits of 12-48 px and 480 / 120 images: at 64 px input many digits were ~5 px.)"""
     base = os.path.join(root, "VOCdevkit", "VOC2007")
-    if os.path.isfile(os.path.join(base, "ImageSets", "Main", "test.txt")):
+    marker = os.path.join(base, "MINIVOC")
+    if os.path.isfile(marker) and open(marker).read().strip() == MINIVOC_VERSION:
         return base
+    if os.path.exists(os.path.join(base, "ImageSets")):
+        raise core.DataError(f"{os.path.abspath(base)} holds another dataset than {MINIVOC_VERSION!r} (real VOC or "
+                             f"an older minivoc); pass another --data, or delete it to have minivoc written there")
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -257,7 +274,7 @@ def write_minivoc(root, n_train=480, n_test=120, seed=0):
         ids = []
         for n in range(count):
             name = f"{offset + n:06d}"
-            w, h = (int(v) for v in rng.integers(64, 161, size=2))
+            w, h = (int(v) for v in rng.integers(64, 97, size=2))
             canvas = rng.normal(40, 20, (h, w)).clip(0, 255)
             for _ in range(int(rng.integers(2, 6))):  # clutter strokes
                 x0, y0 = rng.integers(0, w), rng.integers(0, h)
@@ -267,9 +284,9 @@ def write_minivoc(root, n_train=480, n_test=120, seed=0):
                 else:
                     canvas[y0:y0 + length, x0] = rng.integers(100, 200)
             objects = []
-            for _ in range(int(rng.integers(1, 7))):
+            for _ in range(int(rng.integers(1, 6))):
                 j = int(rng.integers(len(labels)))
-                size = int(rng.integers(12, 49))
+                size = int(rng.integers(12, 41))
                 digit = np.asarray(Image.fromarray((images[j, 0].numpy() * 255).astype(np.uint8)).resize(
                     (size, size), Image.BILINEAR), dtype=np.float64)
                 x0 = int(rng.integers(-size // 3, w - 2 * size // 3))
@@ -302,6 +319,8 @@ def write_minivoc(root, n_train=480, n_test=120, seed=0):
             ids.append(name)
         with open(os.path.join(base, "ImageSets", "Main", split + ".txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
+    with open(marker, "w") as f:
+        f.write(MINIVOC_VERSION + "\n")
     return base
 
 
@@ -371,7 +390,7 @@ def build_data(args):
         write_minivoc(args.data)
     norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
     size = (args.img_size, args.img_size)
-    train_tf = v2.Compose([v2.RandomHorizontalFlip(), v2.Resize(size, antialias=True)] + norm)
+    train_tf = v2.Compose([v2.RandomHorizontalFlip(getattr(args, "hflip", 0.5)), v2.Resize(size, antialias=True)] + norm)
     test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
     download = args.dataset == "voc2007"
     train = core.Seeded(VOCData(args.data, "trainval", classes, train_tf, download), args.seed)  # seeded flips
@@ -705,6 +724,27 @@ def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
     return set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef)
 
 
+def euler_path_loss(model, k, feats, z0, z1):
+    """--train-path euler: block k trains where inference puts it. Blocks 0..k-1 (no gradient, their
+    current weights) take Euler steps from z0 to t = k / T, as `predict` does; block k then regresses
+    the straight path from that state z to z1, u = (z1 - z) / (1 - t). Gradients still never cross
+    blocks. Returns (mse, z1_hat = z + (1 - t) v); with --predict endpoint the mse is ||z1_hat - z1||^2.
+    With the guard (default) the targets W_class, W_box get no gradient at all and stay at their init."""
+    dt = 1.0 / model.T
+    ones = torch.ones(len(z0), device=z0.device)
+    z = z0
+    with torch.no_grad():
+        for j in range(k):
+            z = z + dt * model.velocity(j, z, feats, ones * j * dt)
+    t = ones * k * dt
+    target = z1.detach() if model.guard else z1
+    v = model.velocity(k, z, feats, t)
+    z1_hat = z + (1 - k * dt) * v
+    scale = (1 - k * dt) if model.predict == "endpoint" else 1.0  # endpoint: the error of z1_hat itself
+    mse = ((v - (target - z) / (1 - k * dt)).float() * scale).pow(2).mean()
+    return mse, z1_hat  # z1_hat does not depend on z1 here: the targets move only through the flow MSE
+
+
 def block_loss(model, k, feats, targets, slots, args, noise=None):
     """Loss of flow block k: 0.1 x flow MSE + detection loss on the decoded z1_hat.
     slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch.
@@ -719,10 +759,13 @@ def block_loss(model, k, feats, targets, slots, args, noise=None):
         classes, z1, boxes = match_coupling(model, k, feats[0], z0, z1, classes, boxes)
     elif args.coupling == "anchor":
         classes, z1, boxes = anchor_coupling(z1, classes, boxes, model.anchors, model.num_classes)
-    t = core.sample_t(len(z1), k, model.T, args.time_split, z1.device, args.t_dist, u)
-    mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, args.time_split, args.sigma_min,
-                                          detach_target=model.guard, z0=z0, t=t,
-                                          weight=(1 - t) ** 2 if model.predict == "endpoint" else None)
+    if getattr(args, "train_path", "line") == "euler":
+        mse, z1_hat = euler_path_loss(model, k, feats, z0, z1)
+    else:
+        t = core.sample_t(len(z1), k, model.T, args.time_split, z1.device, args.t_dist, u)
+        mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, args.time_split,
+                                              args.sigma_min, detach_target=model.guard, z0=z0, t=t,
+                                              weight=(1 - t) ** 2 if model.predict == "endpoint" else None)
     logits, pred_boxes = model.decode(z1_hat)
     if args.assign == "coupling":  # the slots' own targets: the same assignment as the flow path
         return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes)
@@ -820,7 +863,7 @@ def main(args):
     core.seed_everything(args.seed)
     core.check_flags(args)
     try:
-        train_set, test_set, classes = build_data(args)
+        train_set, test_set, classes = core.main_first(lambda: build_data(args))  # written / downloaded once
         model = build_model(args, len(classes)).to(device)
         overflow = sum(len(train_set.dataset.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
     except (core.DataError, WeightsError) as e:
