@@ -547,6 +547,16 @@ def test_euler_train_path_starts_block_k_where_inference_does_and_keeps_gradient
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads[2].parameters())
 
 
+def test_match_coupling_on_a_prediction_moves_each_target_to_the_slot_that_found_it():
+    classes = torch.tensor([[0, 1, 2]])  # two objects then background (class 2)
+    boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2], [0, 0, 0, 0]]])
+    logits = torch.full((1, 3, 3), -5.0)
+    logits[0, 0, 2] = logits[0, 1, 1] = logits[0, 2, 0] = 5  # slot 2 found object 0, slot 1 object 1
+    pred = boxes[:, [2, 1, 0]]
+    z1 = torch.tensor([[[10.0], [11.0], [12.0]]])
+    assert det.hungarian_order(logits, pred, z1, classes, boxes, num_classes=2)[0, :, 0].tolist() == [12, 11, 10]
+
+
 def test_hungarian_match_finds_the_permutation():
     gt_boxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]])
     boxes = torch.stack([gt_boxes[1], torch.tensor([0.5, 0.5, 0.9, 0.9]), gt_boxes[0]])[None]

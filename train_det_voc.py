@@ -72,20 +72,20 @@ def get_args_parser():
     p.add_argument("--mode", default=None, choices=["parallel", "sequential"],
                    help="schedule: Algorithm 1 (a full pass per block) or every batch trains all blocks")
     p.add_argument("--T", type=int, default=4, help="flow blocks (bp: decoder layers)")
-    p.add_argument("--coupling", default="index", choices=["index", "ot", "match", "anchor"],
+    p.add_argument("--coupling", default=None, choices=["index", "ot", "match", "anchor"],
                    help="object-to-slot assignment of the flow path: annotation order, nearest noise (OT), the "
                         "block's own t=0 prediction (match), or fixed reference points (anchor)")
     p.add_argument("--assign", default=None, choices=["hungarian", "coupling"],
                    help="detection loss: fresh Hungarian matching of z1_hat (paper), or the coupling's slot "
                         "targets (default for --coupling anchor)")
-    p.add_argument("--train-path", default="line", choices=["line", "euler"],
+    p.add_argument("--train-path", default=None, choices=["line", "euler"],
                    help="where block k trains: z_t on the straight line z0 -> z1 at sampled t (paper), or the "
                         "Euler state that blocks 0..k-1 reach at t = k/T (inference's own path; no gradient "
                         "crosses blocks)")
-    p.add_argument("--predict", default="velocity", choices=["velocity", "endpoint"],
+    p.add_argument("--predict", default=None, choices=["velocity", "endpoint"],
                    help="block output: the velocity v (paper), or the endpoint z1_hat with v = (z1_hat - z_t) / (1 - t); "
                         "endpoint weights the flow MSE by (1 - t)^2, i.e. it is ||z1_hat - z1||^2")
-    p.add_argument("--queries", default="block", choices=["block", "shared"],
+    p.add_argument("--queries", default=None, choices=["block", "shared"],
                    help="slot queries added to each block's input: its own (init 0.02) or one set for all blocks "
                         "(init N(0, 1), as DETR's)")
     p.add_argument("--time-split", action="store_true", help="block k trains on t in [k/T, (k+1)/T) only")
@@ -110,7 +110,7 @@ def get_args_parser():
     p.add_argument("--ffn", type=int, default=512, help="FFN width of each block")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 40)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 60)")
     p.add_argument("--bs", type=int, default=None, help="batch size per process (paper 16; minivoc 8)")
     p.add_argument("--lr", type=float, default=None, help="lr of the blocks, heads and embeddings (paper 1e-4)")
     p.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (paper 1e-5; minivoc: --lr)")
@@ -134,9 +134,11 @@ def get_args_parser():
 # flags left at None: the paper's D.1 setup on VOC; minivoc is a CPU quickstart (README, "Detection")
 SETUPS = {
     "voc2007": dict(backbone="resnet50", img_size=256, stride=32, slots=20, bs=16, lr=1e-4, lr_backbone=1e-5,
-                    epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5),
+                    epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5,
+                    coupling="index", queries="block", predict="velocity", train_path="line"),
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
-                    epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0),
+                    epochs=60, lr_drop=48, mode="parallel", workers=0, hflip=0.0,
+                    coupling="match", queries="shared", predict="endpoint", train_path="euler"),
 }
 
 
@@ -644,15 +646,23 @@ def match_coupling(model, k, memory, z0, z1, classes, boxes):
     """--coupling match: each image's objects go to the slots that block k, started from z0 at t = 0
     (the first inference step), would predict them in: DETR's Hungarian matching (class 1, L1 5,
     GIoU 2) of that prediction to the slot targets. Slot j's path then ends at the object slot j
-    would find, so the flow loss and the set loss agree on who owns which object."""
+    would find, so the flow loss and the set loss agree on who owns which object. (With
+    --train-path euler the match is made on block k's own prediction at its Euler state instead.)"""
     t0 = torch.zeros(len(z0), device=z0.device)
     logits, pred = model.decode(z0 + model.velocity(k, z0, [memory], t0).float())
+    return reorder_slots(slot_matches(logits, pred, classes, boxes, model.num_classes), classes, model.num_classes,
+                         z1, boxes)
+
+
+def slot_matches(logits, pred_boxes, classes, boxes, num_classes):
+    """Per image, (slot_idx, obj_idx): Hungarian matching (match_cost) of the predictions to the
+    image's slot targets (classes [B, M] with num_classes = none, boxes [B, M, 4])."""
     assignments = []
-    for i in range(len(z0)):
-        objects = (classes[i] != model.num_classes).nonzero().squeeze(1)
-        cost = match_cost(logits[i].softmax(-1), pred[i], classes[i, objects], boxes[i, objects])
+    for i in range(len(logits)):
+        objects = (classes[i] != num_classes).nonzero().squeeze(1)
+        cost = match_cost(logits[i].softmax(-1), pred_boxes[i], classes[i, objects], boxes[i, objects])
         assignments.append(linear_sum_assignment(cost.cpu().numpy()))
-    return reorder_slots(assignments, classes, model.num_classes, z1, boxes)
+    return assignments
 
 
 def anchor_points(m):
@@ -724,25 +734,34 @@ def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
     return set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef)
 
 
-def euler_path_loss(model, k, feats, z0, z1):
+def euler_path_loss(model, k, feats, z0, z1, couple=None):
     """--train-path euler: block k trains where inference puts it. Blocks 0..k-1 (no gradient, their
     current weights) take Euler steps from z0 to t = k / T, as `predict` does; block k then regresses
     the straight path from that state z to z1, u = (z1 - z) / (1 - t). Gradients still never cross
-    blocks. Returns (mse, z1_hat = z + (1 - t) v); with --predict endpoint the mse is ||z1_hat - z1||^2.
-    With the guard (default) the targets W_class, W_box get no gradient at all and stay at their init."""
+    blocks. couple(logits, boxes) -> z1 reordered (--coupling match: each object to the slot whose
+    prediction Hungarian-matches it). Returns (mse, z1_hat = z + (1 - t) v); with --predict endpoint
+    the mse is ||z1_hat - z1||^2. With the guard (default) the targets W_class, W_box get no gradient
+    from the task loss here (z1_hat does not depend on them) and move only through the flow MSE."""
     dt = 1.0 / model.T
     ones = torch.ones(len(z0), device=z0.device)
     z = z0
     with torch.no_grad():
         for j in range(k):
             z = z + dt * model.velocity(j, z, feats, ones * j * dt)
-    t = ones * k * dt
-    target = z1.detach() if model.guard else z1
-    v = model.velocity(k, z, feats, t)
+    v = model.velocity(k, z, feats, ones * k * dt)
     z1_hat = z + (1 - k * dt) * v
+    if couple is not None:
+        with torch.no_grad():
+            z1 = couple(*model.decode(z1_hat))
+    target = z1.detach() if model.guard else z1
     scale = (1 - k * dt) if model.predict == "endpoint" else 1.0  # endpoint: the error of z1_hat itself
     mse = ((v - (target - z) / (1 - k * dt)).float() * scale).pow(2).mean()
-    return mse, z1_hat  # z1_hat does not depend on z1 here: the targets move only through the flow MSE
+    return mse, z1_hat
+
+
+def hungarian_order(logits, pred_boxes, z1, classes, boxes, num_classes):
+    """z1 with each image's slot targets moved to the slots whose predictions Hungarian-match them."""
+    return reorder_slots(slot_matches(logits, pred_boxes, classes, boxes, num_classes), classes, num_classes, z1)[1]
 
 
 def block_loss(model, k, feats, targets, slots, args, noise=None):
@@ -750,17 +769,20 @@ def block_loss(model, k, feats, targets, slots, args, noise=None):
     slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch.
     noise: (z0 [B, M, d], u [B]) from core.train_noise, or None for fresh draws."""
     classes, boxes = slots
+    euler = getattr(args, "train_path", "line") == "euler"
     z1 = model.targets(classes, boxes)
     z0, u = noise if noise is not None else (torch.randn_like(z1), None)
     z0 = z0 * args.z0_std
     if args.coupling == "ot":
         classes, z1, boxes = ot_coupling(z0, z1, classes, boxes, model.num_classes)
-    elif args.coupling == "match":
+    elif args.coupling == "match" and not euler:
         classes, z1, boxes = match_coupling(model, k, feats[0], z0, z1, classes, boxes)
     elif args.coupling == "anchor":
         classes, z1, boxes = anchor_coupling(z1, classes, boxes, model.anchors, model.num_classes)
-    if getattr(args, "train_path", "line") == "euler":
-        mse, z1_hat = euler_path_loss(model, k, feats, z0, z1)
+    if euler:
+        couple = None if args.coupling != "match" else \
+            (lambda lg, bx: hungarian_order(lg, bx, z1, classes, boxes, model.num_classes))
+        mse, z1_hat = euler_path_loss(model, k, feats, z0, z1, couple)
     else:
         t = core.sample_t(len(z1), k, model.T, args.time_split, z1.device, args.t_dist, u)
         mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, args.time_split,
