@@ -1039,4 +1039,5 @@ def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, 
     case(det, SMALL_DET + ["--method", "bp", "--mode", "sequential", "--out", out], "does not apply to --method bp")
     case(train_cls_cnn, cnn + ["--method", "bp", "--time-split"], "does not apply to --method bp")
     case(train_cls_cnn, cnn + ["--bs", "0"], "--bs must be at least 1")
+    case(det, SMALL_DET + ["--train-path", "euler", "--t-dist", "zero", "--out", out], "do not apply")
     print("\n".join(cases))  # pytest -s shows the messages (quoted in the README)

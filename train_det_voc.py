@@ -19,7 +19,15 @@ decoder layer as in DETR (auxiliary losses; --no-aux-loss for the last layer onl
 
 Slot coupling (--coupling): with random z0 the object-to-slot assignment is arbitrary. 'index' keeps
 annotation order; 'ot' assigns objects to the slots whose noise is closest (min-cost matching of z0
-to the object embeddings), so each slot's straight path is short.
+to the object embeddings), so each slot's straight path is short; 'match' gives each object to the
+slot whose own prediction Hungarian-matches it; 'anchor' to fixed reference points, one per slot.
+
+Beyond the paper (flags; README "Detection on minivoc" has the measurements behind each):
+--queries shared (one set of N(0, 1) slot queries for all blocks, so slot j means the same to every
+block), --predict endpoint (the block outputs z1_hat, v = (z1_hat - z_t) / (1 - t)), --train-path
+euler (block k trains on the Euler state blocks 0..k-1 reach at t = k/T, where inference uses it),
+--assign coupling (the detection loss on the coupling's slots instead of a fresh Hungarian match),
+--t-dist, --z0-std, --flow-weight.
 
 Images with more than M objects: the first M in annotation order are kept as targets (a message
 counts them once per run); evaluation always uses every ground-truth box.
@@ -29,7 +37,10 @@ real VOC on-disk format under --data and read by the same loader as VOC 2007):
     python train_det_voc.py --dataset minivoc --out runs/det_fm.pt
 minivoc is not a paper setup; its defaults are sized for a 2-core CPU: --backbone tiny (a 3-stage
 CNN from random init, memory at stride 8), 64 px input, M = 10 slots, batch 8, lr 5e-4 for every
-parameter, 80 epochs with the lr drop at 65, parallel schedule. Measured numbers in README.md.
+parameter, 60 epochs with the lr drop at 48, parallel schedule, no horizontal flip (a mirrored digit
+is another glyph). fm on minivoc defaults to the best recipe measured (--coupling match --queries
+shared --predict endpoint --train-path euler); VOC keeps the paper's (index, per-block queries,
+velocity, straight-line path). Measured numbers in README.md.
 """
 import argparse
 import math
@@ -884,6 +895,8 @@ def main(args):
     device = core.init_distributed(args.device)
     core.seed_everything(args.seed)
     core.check_flags(args)
+    if args.method == "fm" and args.train_path == "euler" and (args.time_split or args.t_dist != "uniform"):
+        sys.exit("error: --train-path euler trains block k at t = k/T; --time-split and --t-dist do not apply")
     try:
         train_set, test_set, classes = core.main_first(lambda: build_data(args))  # written / downloaded once
         model = build_model(args, len(classes)).to(device)
