@@ -936,20 +936,22 @@ def ensemble(velocity, z0, T):
 
 
 @torch.no_grad()
-def integrate(velocity, z0, T, steps=None, method="euler", return_path=False):
+def integrate(velocity, z0, T, steps=None, method="euler", return_path=False, stop=None):
     """Solve dz/dt = v(z, t) from t = 0 to 1 with the piecewise field of eq. 24.
 
     steps = T (default) with Euler is eq. 25: head k on step k. More steps assign heads by interval.
     method: 'euler', 'heun' (2nd order, trapezoidal corrector) or 'midpoint'. A stage evaluated at
     time s uses head_for_time(s); Heun's corrector at the end of an interval uses the same head as
     the predictor so each step stays within one head. return_path: also the latent after each step.
+    stop: take only the first `stop` steps and return the state there (t = stop / steps), e.g. where
+    inference hands the latent to head k (stop = k with steps = T).
     """
     steps = steps or T
     dt = 1.0 / steps
     z = z0
     trajectory = []
     ones = torch.ones(z0.shape[0], device=z0.device)
-    for i in range(steps):
+    for i in range(steps if stop is None else stop):
         t = i * dt
         k = head_for_time(t + 0.5 * dt, T)  # the head owning this step's interval
         v = velocity(k, z, ones * t)

@@ -94,8 +94,9 @@ def get_args_parser():
                         "Euler state that blocks 0..k-1 reach at t = k/T (inference's own path; no gradient "
                         "crosses blocks)")
     p.add_argument("--predict", default=None, choices=["velocity", "endpoint"],
-                   help="block output: the velocity v (paper), or the endpoint z1_hat with v = (z1_hat - z_t) / (1 - t); "
-                        "endpoint weights the flow MSE by (1 - t)^2, i.e. it is ||z1_hat - z1||^2")
+                   help="block output: the velocity v (paper), or the endpoint z1_hat with "
+                        "v = (z1_hat - z_t) / (1 - t); endpoint weights the flow MSE by (1 - t)^2, "
+                        "i.e. it is ||z1_hat - z1||^2")
     p.add_argument("--queries", default=None, choices=["block", "shared"],
                    help="slot queries added to each block's input: its own (init 0.02) or one set for all blocks "
                         "(init N(0, 1), as DETR's)")
@@ -403,7 +404,8 @@ def build_data(args):
         write_minivoc(args.data)
     norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
     size = (args.img_size, args.img_size)
-    train_tf = v2.Compose([v2.RandomHorizontalFlip(getattr(args, "hflip", 0.5)), v2.Resize(size, antialias=True)] + norm)
+    flip = v2.RandomHorizontalFlip(getattr(args, "hflip", 0.5))  # checkpoints from before --hflip: 0.5
+    train_tf = v2.Compose([flip, v2.Resize(size, antialias=True)] + norm)
     test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
     download = args.dataset == "voc2007"
     train = core.Seeded(VOCData(args.data, "trainval", classes, train_tf, download), args.seed)  # seeded flips
@@ -509,7 +511,8 @@ class FlowBlock(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
 
     def forward(self, z, memory, t, query=None):
-        query = self.slot if query is None else query if self.slot is None else self.slot + query
+        if self.slot is not None:  # its own slot embedding, plus the detector's query if there is one
+            query = self.slot if query is None else self.slot + query
         return self.out(self.layer(z + self.time(t)[:, None] + query[None], memory))
 
 
@@ -526,6 +529,8 @@ class FlowDetector(nn.Module):
         self.class_head, self.box_head = nn.Linear(dim, num_classes + 1), nn.Linear(dim, 4)
         self.queries, self.predict = queries, predict
         self.register_buffer("anchors", anchors, persistent=False)  # --coupling anchor: [M, 2] points, or None
+        # with anchors, slot j's query also carries the sine encoding of its point, so it looks near it
+        self.register_buffer("anchor_code", None if anchors is None else sine_encoding(anchors, dim), persistent=False)
         self.num_classes, self.dim, self.guard = num_classes, dim, guard
 
     @property
@@ -551,10 +556,9 @@ class FlowDetector(nn.Module):
     def query(self):
         """Slot queries [M, d] added to every block's input (None: each block its own), plus with
         --coupling anchor the sine encoding of each slot's reference point, so slot j looks near it."""
-        if self.anchors is None:
+        if self.anchor_code is None:
             return self.queries
-        code = sine_encoding(self.anchors, self.dim)
-        return code if self.queries is None else self.queries + code
+        return self.anchor_code if self.queries is None else self.queries + self.anchor_code
 
     def head(self, k):
         """Block k as head(z_t, memory, t) -> v, the signature of core.flow_matching_loss."""
@@ -641,14 +645,20 @@ def reorder_slots(assignments, classes, num_classes, *tensors):
     return out
 
 
+def assign_slots(classes, num_classes, cost):
+    """Per image, (slot_idx, obj_idx) minimising cost(i, objects) -> [M, G] (scipy's
+    linear_sum_assignment), objects being the indices of image i's object slots."""
+    assignments = []
+    for i in range(len(classes)):
+        objects = (classes[i] != num_classes).nonzero().squeeze(1)
+        assignments.append(linear_sum_assignment(cost(i, objects).detach().float().cpu().numpy()))
+    return assignments
+
+
 def ot_coupling(z0, z1, classes, boxes, num_classes):
     """--coupling ot: each image's objects go to the slots whose noise is closest (min total squared
-    distance, scipy's linear_sum_assignment), so each slot's straight path is short."""
-    assignments = []
-    for i in range(z0.shape[0]):
-        objects = (classes[i] != num_classes).nonzero().squeeze(1)
-        cost = torch.cdist(z0[i].detach().float(), z1[i, objects].detach().float()).pow(2)  # [M, G]
-        assignments.append(linear_sum_assignment(cost.cpu().numpy()))
+    distance), so each slot's straight path is short."""
+    assignments = assign_slots(classes, num_classes, lambda i, obj: torch.cdist(z0[i].float(), z1[i, obj].float()) ** 2)
     return reorder_slots(assignments, classes, num_classes, z1, boxes)
 
 
@@ -668,12 +678,9 @@ def match_coupling(model, k, memory, z0, z1, classes, boxes):
 def slot_matches(logits, pred_boxes, classes, boxes, num_classes):
     """Per image, (slot_idx, obj_idx): Hungarian matching (match_cost) of the predictions to the
     image's slot targets (classes [B, M] with num_classes = none, boxes [B, M, 4])."""
-    assignments = []
-    for i in range(len(logits)):
-        objects = (classes[i] != num_classes).nonzero().squeeze(1)
-        cost = match_cost(logits[i].softmax(-1), pred_boxes[i], classes[i, objects], boxes[i, objects])
-        assignments.append(linear_sum_assignment(cost.cpu().numpy()))
-    return assignments
+    prob = logits.softmax(-1)
+    return assign_slots(classes, num_classes,
+                        lambda i, obj: match_cost(prob[i], pred_boxes[i], classes[i, obj], boxes[i, obj]))
 
 
 def anchor_points(m):
@@ -689,11 +696,7 @@ def anchor_coupling(z1, classes, boxes, anchors, num_classes):
     minimum total L1 distance between box centre and point. The assignment is a function of the
     image alone (not of z0, not of the block), so every block, every t and the inference path agree
     on which slot owns which object."""
-    assignments = []
-    for i in range(len(z1)):
-        objects = (classes[i] != num_classes).nonzero().squeeze(1)
-        cost = torch.cdist(anchors.to(boxes.device), boxes[i, objects, :2], p=1)  # [M, G]
-        assignments.append(linear_sum_assignment(cost.cpu().numpy()))
+    assignments = assign_slots(classes, num_classes, lambda i, obj: torch.cdist(anchors, boxes[i, obj, :2], p=1))
     return reorder_slots(assignments, classes, num_classes, z1, boxes)
 
 
@@ -753,20 +756,16 @@ def euler_path_loss(model, k, feats, z0, z1, couple=None):
     prediction Hungarian-matches it). Returns (mse, z1_hat = z + (1 - t) v); with --predict endpoint
     the mse is ||z1_hat - z1||^2. With the guard (default) the targets W_class, W_box get no gradient
     from the task loss here (z1_hat does not depend on them) and move only through the flow MSE."""
-    dt = 1.0 / model.T
-    ones = torch.ones(len(z0), device=z0.device)
-    z = z0
-    with torch.no_grad():
-        for j in range(k):
-            z = z + dt * model.velocity(j, z, feats, ones * j * dt)
-    v = model.velocity(k, z, feats, ones * k * dt)
-    z1_hat = z + (1 - k * dt) * v
+    z = core.integrate(lambda j, z, t: model.velocity(j, z, feats, t), z0, model.T, stop=k)  # no gradient
+    t = k / model.T
+    v = model.velocity(k, z, feats, torch.full((len(z0),), t, device=z0.device))
+    z1_hat = z + (1 - t) * v
     if couple is not None:
         with torch.no_grad():
             z1 = couple(*model.decode(z1_hat))
     target = z1.detach() if model.guard else z1
-    scale = (1 - k * dt) if model.predict == "endpoint" else 1.0  # endpoint: the error of z1_hat itself
-    mse = ((v - (target - z) / (1 - k * dt)).float() * scale).pow(2).mean()
+    scale = (1 - t) if model.predict == "endpoint" else 1.0  # endpoint: the error of z1_hat itself
+    mse = ((v - (target - z) / (1 - t)).float() * scale).pow(2).mean()
     return mse, z1_hat
 
 
