@@ -533,14 +533,24 @@ def test_euler_train_path_starts_block_k_where_inference_does_and_keeps_gradient
     args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "3",
                        "--coupling", "anchor", "--predict", "endpoint", "--train-path", "euler", "--dropout", "0"])
     model = det.build_model(args, 3)
-    feats, z0 = [torch.randn(2, 5, 32)], torch.randn(2, 4, 32)
-    z1 = model.targets(torch.tensor([[0, 3, 3, 3], [1, 2, 3, 3]]), torch.rand(2, 4, 4))
+    x, index, key = torch.randn(2, 3, 32, 32), torch.tensor([5, 9]), (0, 0, 0)
+    targets = [{"labels": torch.tensor([0]), "boxes_norm": torch.tensor([[0.3, 0.3, 0.2, 0.2]])},
+               {"labels": torch.tensor([1, 2]), "boxes_norm": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.7, 0.2, 0.1, 0.1]])}]
     seen = {}
-    hook = model.heads[2].register_forward_pre_hook(lambda m, inp: seen.update(z=inp[0].detach().clone()))
-    mse, z1_hat = det.euler_path_loss(model, 2, feats, z0, z1)
-    hook.remove()
+    hooks = [model.heads[k].register_forward_pre_hook(lambda m, inp, k=k: seen.update({k: inp[0].clone()}))
+             for k in range(3)]
+    det.train_step(model, x, targets, [0, 1, 2], args, torch.device("cpu"), index=index, noise_key=key)
+    for h in hooks:
+        h.remove()
+    feats = model.backbone(x)  # train mode, same batch: the same batch statistics
+    z0 = core.train_noise(index, (*key, 0), (4, 32))[0]
     _, path = core.integrate(lambda k, z, t: model.velocity(k, z, feats, t), z0, 3, return_path=True)
-    torch.testing.assert_close(seen["z"], path[1])  # block 2 starts from the Euler state at t = 2/3
+    for k, expected in enumerate([z0] + path[:2]):  # block k trains (its last call) at the state at t = k/3
+        torch.testing.assert_close(seen[k], expected, atol=1e-5, rtol=1e-5)
+    model.zero_grad()
+    classes, boxes = torch.tensor([[0, 3, 3, 3], [1, 2, 3, 3]]), torch.rand(2, 4, 4)
+    z1 = model.targets(classes, boxes)
+    mse, z1_hat, _, _ = det.euler_path_loss(model, 2, feats, path[1], z1, classes, boxes)
     torch.testing.assert_close(mse, (z1_hat - z1).pow(2).mean())  # endpoint: the error of z1_hat itself
     (mse + z1_hat.sum()).backward()
     assert all(p.grad is None for j in (0, 1) for p in model.heads[j].parameters())
@@ -554,7 +564,22 @@ def test_match_coupling_on_a_prediction_moves_each_target_to_the_slot_that_found
     logits[0, 0, 2] = logits[0, 1, 1] = logits[0, 2, 0] = 5  # slot 2 found object 0, slot 1 object 1
     pred = boxes[:, [2, 1, 0]]
     z1 = torch.tensor([[[10.0], [11.0], [12.0]]])
-    assert det.hungarian_order(logits, pred, z1, classes, boxes, num_classes=2)[0, :, 0].tolist() == [12, 11, 10]
+    c, z, b = det.reorder_slots(det.slot_matches(logits, pred, classes, boxes, 2), classes, 2, z1, boxes)
+    assert z[0, :, 0].tolist() == [12, 11, 10] and c[0].tolist() == [2, 1, 0]
+    torch.testing.assert_close(b, pred)
+
+
+def test_batched_matching_equals_matching_each_image_alone():
+    gen = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(3, 6, 5, generator=gen), torch.rand(3, 6, 4, generator=gen) * 0.5 + 0.2
+    targets = [{"labels": torch.randint(0, 4, (g,), generator=gen), "boxes_norm": torch.rand(g, 4, generator=gen) * 0.5 + 0.2}
+               for g in (2, 0, 5)]
+    batched = det.hungarian_match(logits, boxes, targets)
+    for i, t in enumerate(targets):
+        cost = det.match_cost(logits[i].softmax(-1), boxes[i], t["labels"], t["boxes_norm"]).numpy()
+        rows, cols = det.linear_sum_assignment(cost)
+        assert batched[i][0].tolist() == rows.tolist() and batched[i][1].tolist() == cols.tolist()
+    assert len(batched[1][0]) == 0  # an image without objects matches nothing
 
 
 def test_hungarian_match_finds_the_permutation():

@@ -88,7 +88,8 @@ def get_args_parser():
                         "block's own t=0 prediction (match), or fixed reference points (anchor)")
     p.add_argument("--assign", default=None, choices=["hungarian", "coupling"],
                    help="detection loss: fresh Hungarian matching of z1_hat (paper), or the coupling's slot "
-                        "targets (default for --coupling anchor)")
+                        "targets (default for --coupling anchor, and for match on the Euler path, where both are the "
+                        "Hungarian matching of z1_hat)")
     p.add_argument("--train-path", default=None, choices=["line", "euler"],
                    help="where block k trains: z_t on the straight line z0 -> z1 at sampled t (paper), or the "
                         "Euler state that blocks 0..k-1 reach at t = k/T (inference's own path; no gradient "
@@ -165,8 +166,9 @@ def apply_method_defaults(args, argv):
     given = {a.split("=")[0] for a in argv}
     if args.method == "bp" and "--mode" not in given:
         args.mode = "parallel"
-    if args.assign is None:
-        args.assign = "coupling" if args.coupling == "anchor" else "hungarian"
+    if args.assign is None:  # match on the Euler path: the coupling is the Hungarian matching of z1_hat itself
+        own = args.coupling == "anchor" or (args.coupling == "match" and args.train_path == "euler")
+        args.assign = "coupling" if own else "hungarian"
     if args.coupling == "anchor" and "--queries" not in given:
         args.queries = "shared"  # slot j means anchor j to every block
     if args.backbone == "tiny":  # nothing to download
@@ -648,11 +650,8 @@ def reorder_slots(assignments, classes, num_classes, *tensors):
 def assign_slots(classes, num_classes, cost):
     """Per image, (slot_idx, obj_idx) minimising cost(i, objects) -> [M, G] (scipy's
     linear_sum_assignment), objects being the indices of image i's object slots."""
-    assignments = []
-    for i in range(len(classes)):
-        objects = (classes[i] != num_classes).nonzero().squeeze(1)
-        assignments.append(linear_sum_assignment(cost(i, objects).detach().float().cpu().numpy()))
-    return assignments
+    objects = [(c != num_classes).nonzero().squeeze(1) for c in classes]
+    return hungarian([cost(i, obj).detach().float().cpu().numpy() for i, obj in enumerate(objects)])
 
 
 def ot_coupling(z0, z1, classes, boxes, num_classes):
@@ -678,9 +677,9 @@ def match_coupling(model, k, memory, z0, z1, classes, boxes):
 def slot_matches(logits, pred_boxes, classes, boxes, num_classes):
     """Per image, (slot_idx, obj_idx): Hungarian matching (match_cost) of the predictions to the
     image's slot targets (classes [B, M] with num_classes = none, boxes [B, M, 4])."""
-    prob = logits.softmax(-1)
-    return assign_slots(classes, num_classes,
-                        lambda i, obj: match_cost(prob[i], pred_boxes[i], classes[i, obj], boxes[i, obj]))
+    held = [(c != num_classes).nonzero().squeeze(1) for c in classes]
+    return hungarian(match_costs(logits, pred_boxes, [c[h] for c, h in zip(classes, held)],
+                                 [b[h] for b, h in zip(boxes, held)]))
 
 
 def anchor_points(m):
@@ -707,18 +706,28 @@ def match_cost(prob, boxes, gt_labels, gt_boxes):
 
 
 @torch.no_grad()
+def match_costs(logits, boxes, gt_labels, gt_boxes):
+    """match_cost of every image of a batch in one computation (DETR's trick: all predictions against
+    all objects of the batch, then each image keeps its own block). logits [B, M, C + 1], boxes
+    [B, M, 4]; gt_labels, gt_boxes: per image [G_i], [G_i, 4]. Returns per image a [M, G_i] array."""
+    sizes = [len(labels) for labels in gt_labels]
+    batch, slots = logits.shape[:2]
+    if sum(sizes) == 0:
+        return [np.zeros((slots, 0), np.float32) for _ in sizes]
+    cost = match_cost(logits.softmax(-1).flatten(0, 1), boxes.flatten(0, 1), torch.cat(gt_labels).to(logits.device),
+                      torch.cat(gt_boxes).to(boxes.device))
+    cost, ends = cost.view(batch, slots, -1).float().cpu().numpy(), np.cumsum(sizes)
+    return [cost[i, :, end - size:end] for i, (size, end) in enumerate(zip(sizes, ends))]
+
+
+def hungarian(costs):
+    """Per cost matrix [M, G]: (rows, cols) of the minimum-cost assignment, as long tensors."""
+    return [tuple(torch.as_tensor(a, dtype=torch.long) for a in linear_sum_assignment(c)) for c in costs]
+
+
 def hungarian_match(logits, boxes, targets):
     """Per image: (pred_idx, gt_idx) minimising match_cost (DETR)."""
-    out = []
-    prob = logits.softmax(-1)
-    for i, t in enumerate(targets):
-        gt_boxes, gt_labels = t["boxes_norm"].to(boxes.device), t["labels"].to(boxes.device)
-        if len(gt_labels) == 0:
-            out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
-            continue
-        rows, cols = linear_sum_assignment(match_cost(prob[i], boxes[i], gt_labels, gt_boxes).cpu().numpy())
-        out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
-    return out
+    return hungarian(match_costs(logits, boxes, [t["labels"] for t in targets], [t["boxes_norm"] for t in targets]))
 
 
 def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=0.1):
@@ -748,41 +757,45 @@ def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
     return set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef)
 
 
-def euler_path_loss(model, k, feats, z0, z1, couple=None):
-    """--train-path euler: block k trains where inference puts it. Blocks 0..k-1 (no gradient, their
-    current weights) take Euler steps from z0 to t = k / T, as `predict` does; block k then regresses
-    the straight path from that state z to z1, u = (z1 - z) / (1 - t). Gradients still never cross
-    blocks. couple(logits, boxes) -> z1 reordered (--coupling match: each object to the slot whose
-    prediction Hungarian-matches it). Returns (mse, z1_hat = z + (1 - t) v); with --predict endpoint
-    the mse is ||z1_hat - z1||^2. With the guard (default) the targets W_class, W_box get no gradient
-    from the task loss here (z1_hat does not depend on them) and move only through the flow MSE."""
-    z = core.integrate(lambda j, z, t: model.velocity(j, z, feats, t), z0, model.T, stop=k)  # no gradient
+@torch.no_grad()
+def euler_states(model, feats, z0, last):
+    """--train-path euler: [z0, z_(1/T), ..., z_(last/T)], the states at which inference hands the
+    latent to blocks 0..last (blocks 0..last-1 take their Euler steps with their current weights,
+    no gradient). One trajectory per batch serves every block of the parallel schedule."""
+    _, path = core.integrate(lambda j, z, t: model.velocity(j, z, feats, t), z0, model.T, stop=last,
+                             return_path=True)
+    return [z0] + path
+
+
+def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
+    """--train-path euler: block k trains where inference puts it, at the state z = z_(k/T)
+    (euler_states), regressing the straight path from z to z1, u = (z1 - z) / (1 - t). Gradients never
+    cross blocks: z carries none. match (--coupling match): first each object moves to the slot whose
+    prediction Hungarian-matches it (slot_matches on z1_hat's decoding), z1, classes and boxes alike.
+    Returns (mse, z1_hat = z + (1 - t) v, classes, boxes); with --predict endpoint the mse is
+    ||z1_hat - z1||^2, with velocity ||v - u||^2. With the guard (default) the targets W_class, W_box
+    get no gradient from the task loss here (z1_hat does not depend on them), only through the mse."""
     t = k / model.T
-    v = model.velocity(k, z, feats, torch.full((len(z0),), t, device=z0.device))
-    z1_hat = z + (1 - t) * v
-    if couple is not None:
+    z1_hat = z + (1 - t) * model.velocity(k, z, feats, torch.full((len(z),), t, device=z.device))
+    if match:
         with torch.no_grad():
-            z1 = couple(*model.decode(z1_hat))
+            classes, z1, boxes = reorder_slots(slot_matches(*model.decode(z1_hat), classes, boxes, model.num_classes),
+                                               classes, model.num_classes, z1, boxes)
     target = z1.detach() if model.guard else z1
-    scale = (1 - t) if model.predict == "endpoint" else 1.0  # endpoint: the error of z1_hat itself
-    mse = ((v - (target - z) / (1 - t)).float() * scale).pow(2).mean()
-    return mse, z1_hat
+    scale = 1.0 if model.predict == "endpoint" else 1 / (1 - t)  # z1_hat - z1 = (1 - t)(v - u)
+    return ((z1_hat - target).float() * scale).pow(2).mean(), z1_hat, classes, boxes
 
 
-def hungarian_order(logits, pred_boxes, z1, classes, boxes, num_classes):
-    """z1 with each image's slot targets moved to the slots whose predictions Hungarian-match them."""
-    return reorder_slots(slot_matches(logits, pred_boxes, classes, boxes, num_classes), classes, num_classes, z1)[1]
-
-
-def block_loss(model, k, feats, targets, slots, args, noise=None):
+def block_loss(model, k, feats, targets, slots, args, noise=None, path=None):
     """Loss of flow block k: 0.1 x flow MSE + detection loss on the decoded z1_hat.
     slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch.
-    noise: (z0 [B, M, d], u [B]) from core.train_noise, or None for fresh draws."""
+    noise: (z0 [B, M, d], u [B]) from core.train_noise, or None for fresh draws.
+    path: --train-path euler, the batch's euler_states (its z0 replaces noise's); None: computed here."""
     classes, boxes = slots
     euler = getattr(args, "train_path", "line") == "euler"
     z1 = model.targets(classes, boxes)
     z0, u = noise if noise is not None else (torch.randn_like(z1), None)
-    z0 = z0 * args.z0_std
+    z0 = path[0] if euler and path is not None else z0 * args.z0_std
     if args.coupling == "ot":
         classes, z1, boxes = ot_coupling(z0, z1, classes, boxes, model.num_classes)
     elif args.coupling == "match" and not euler:
@@ -790,9 +803,8 @@ def block_loss(model, k, feats, targets, slots, args, noise=None):
     elif args.coupling == "anchor":
         classes, z1, boxes = anchor_coupling(z1, classes, boxes, model.anchors, model.num_classes)
     if euler:
-        couple = None if args.coupling != "match" else \
-            (lambda lg, bx: hungarian_order(lg, bx, z1, classes, boxes, model.num_classes))
-        mse, z1_hat = euler_path_loss(model, k, feats, z0, z1, couple)
+        z = (path or euler_states(model, feats, z0, k))[k]
+        mse, z1_hat, classes, boxes = euler_path_loss(model, k, feats, z, z1, classes, boxes, args.coupling == "match")
     else:
         t = core.sample_t(len(z1), k, model.T, args.time_split, z1.device, args.t_dist, u)
         mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, args.time_split,
@@ -877,10 +889,15 @@ def train_step(model, x, targets, blocks, args, device, forward=None, index=None
             return {"loss": loss.item()}
         feats = (forward or model.backbone)(x)
         slots = slot_targets(targets, args.slots, model.num_classes, x.device)[:2]
+        noise = lambda k: None if index is None else \
+            core.train_noise(index, (*noise_key, k), (args.slots, model.dim), device)  # noqa: E731
+        path = None
+        if args.train_path == "euler":  # one Euler trajectory per batch (block 0's noise), every block's state
+            z0 = noise(0)[0] if index is not None else torch.randn(len(x), args.slots, model.dim, device=device)
+            path = euler_states(model, feats, z0 * args.z0_std, max(blocks))
 
         def loss(k, f):
-            noise = None if index is None else core.train_noise(index, (*noise_key, k), (args.slots, model.dim), device)
-            return block_loss(model, k, f, targets, slots, args, noise)
+            return block_loss(model, k, f, targets, slots, args, noise(k), path)
         losses = core.blockwise_backward(feats, blocks, loss, all_features=forward is not None)
     return {"loss": sum(losses.values()) / len(losses), **{f"loss_b{k}": v for k, v in losses.items()}}
 
