@@ -569,6 +569,27 @@ def test_match_coupling_on_a_prediction_moves_each_target_to_the_slot_that_found
     torch.testing.assert_close(b, pred)
 
 
+def test_detached_bp_layers_learn_from_their_own_loss_only():
+    args = parse(det, ["--dataset", "minivoc", "--method", "bp", "--dim", "32", "--ffn", "32", "--slots", "4",
+                       "--T", "2", "--detach-layers"])
+    model = det.build_model(args, 3)
+    outs = model(torch.randn(2, 3, 32, 32), every_layer=True)
+    outs[1][1].sum().backward()  # the second layer's boxes
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.layers[0].parameters())
+    assert model.queries.grad is None or model.queries.grad.abs().sum() == 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.layers[1].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())  # memory
+
+
+def test_sine_box_embedding_adds_the_centre_code_of_the_memory_positions():
+    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--box-embed", "sine"])
+    model = det.build_model(args, 3)
+    classes, boxes = torch.tensor([[0, 3]]), torch.tensor([[[0.25, 0.75, 0.1, 0.2], [0.0, 0.0, 0.0, 0.0]]])
+    plain = model.w_class(classes) + model.w_box(boxes)
+    code = det.sine_position(2, 2, 32, "cpu")[2]  # grid cell (x 0.25, y 0.75) of a 2 x 2 memory
+    torch.testing.assert_close(model.targets(classes, boxes)[0, 0] - plain[0, 0], code)
+
+
 def test_batched_matching_equals_matching_each_image_alone():
     gen = torch.Generator().manual_seed(0)
     logits, boxes = torch.randn(3, 6, 5, generator=gen), torch.rand(3, 6, 4, generator=gen) * 0.5 + 0.2

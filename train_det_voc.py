@@ -110,6 +110,13 @@ def get_args_parser():
     p.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false",
                    help="bp: only the last decoder layer's matching loss (default: after every layer, as DETR)")
+    p.add_argument("--detach-layers", action="store_true",
+                   help="bp diagnostic: no gradient from one decoder layer into the previous one, so each layer "
+                        "learns from its own auxiliary loss only (greedy layer-wise training with the full "
+                        "hidden state passed on; between bp and fm)")
+    p.add_argument("--box-embed", default="linear", choices=["linear", "sine"],
+                   help="fm box target: W_box b (eq. 2), or W_box b + the sine encoding of the box centre in the "
+                        "memory's position code, so the latent says where to look to cross-attention")
     # model
     p.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "tiny"],
                    help="torchvision ResNet, or tiny: a small CNN from random init for CPU runs")
@@ -359,12 +366,18 @@ class VOCData(torch.utils.data.Dataset):
                                      f"({type(e).__name__}); extract VOCtrainval_06-Nov-2007.tar and "
                                      f"VOCtest_06-Nov-2007.tar under {os.path.abspath(root)}") from None
         self.classes, self.transform = classes, transform
+        self.parsed = {}  # index -> annotation, each XML file parsed once
 
     def __len__(self):
         return len(self.voc)
 
     def annotation(self, i):
-        path = self.voc.annotations[i]
+        """dict(boxes, labels, difficult) of image i (a new dict each call; the tensors are shared)."""
+        if i not in self.parsed:
+            self.parsed[i] = self.parse(self.voc.annotations[i])
+        return dict(self.parsed[i])
+
+    def parse(self, path):
         try:
             objects = self.voc.parse_voc_xml(ET.parse(path).getroot())["annotation"].get("object", [])
             boxes, labels, difficult = [], [], []
@@ -523,7 +536,7 @@ class FlowDetector(nn.Module):
     queries: [M, d] slot queries shared by every block (--queries shared), or None (each block its own)."""
 
     def __init__(self, memory, blocks, num_classes, dim, guard=True, queries=None, predict="velocity",
-                 anchors=None):
+                 anchors=None, box_embed="linear"):
         super().__init__()
         self.backbone, self.heads = memory, nn.ModuleList(blocks)
         self.w_class = nn.Embedding(num_classes + 1, dim)  # index C = background
@@ -533,15 +546,19 @@ class FlowDetector(nn.Module):
         self.register_buffer("anchors", anchors, persistent=False)  # --coupling anchor: [M, 2] points, or None
         # with anchors, slot j's query also carries the sine encoding of its point, so it looks near it
         self.register_buffer("anchor_code", None if anchors is None else sine_encoding(anchors, dim), persistent=False)
-        self.num_classes, self.dim, self.guard = num_classes, dim, guard
+        self.num_classes, self.dim, self.guard, self.box_embed = num_classes, dim, guard, box_embed
 
     @property
     def T(self):
         return len(self.heads)
 
     def targets(self, classes, boxes):
-        """z1_j = W_class[c_j] + W_box b_j (eq. 2). classes [B, M], boxes [B, M, 4] -> [B, M, d]."""
-        return self.w_class(classes) + self.w_box(boxes)
+        """z1_j = W_class[c_j] + W_box b_j (eq. 2); --box-embed sine adds the sine encoding of the centre
+        (cx, cy), the code the memory's positions carry. classes [B, M], boxes [B, M, 4] -> [B, M, d]."""
+        z1 = self.w_class(classes) + self.w_box(boxes)
+        if self.box_embed == "sine":
+            z1 = z1 + sine_encoding(boxes[..., :2].reshape(-1, 2), self.dim).view_as(z1)
+        return z1
 
     def decode(self, z):
         """Class logits [B, M, C + 1] and sigmoid cxcywh boxes [B, M, 4] of any latent."""
@@ -570,9 +587,9 @@ class FlowDetector(nn.Module):
 class DETRBaseline(nn.Module):
     """bp: the same memory, learned queries and T decoder layers of the same width, end to end."""
 
-    def __init__(self, memory, num_classes, dim, slots, nheads, ffn, dropout, T):
+    def __init__(self, memory, num_classes, dim, slots, nheads, ffn, dropout, T, detach=False):
         super().__init__()
-        self.backbone = memory
+        self.backbone, self.detach = memory, detach
         self.queries = nn.Parameter(torch.randn(slots, dim) * 0.02)
         self.layers = nn.ModuleList(nn.TransformerDecoderLayer(dim, nheads, ffn, dropout, batch_first=True,
                                                                norm_first=True) for _ in range(T))
@@ -590,8 +607,8 @@ class DETRBaseline(nn.Module):
         memory = self.backbone(x)[0]
         h = self.queries[None].expand(x.shape[0], -1, -1)
         outs = []
-        for layer in self.layers:
-            h = layer(h, memory)
+        for i, layer in enumerate(self.layers):
+            h = layer(h.detach() if self.detach and i else h, memory)
             if every_layer:
                 outs.append(self.decode(h))
         return outs if every_layer else self.decode(h)
@@ -601,14 +618,16 @@ def build_model(args, num_classes):
     """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
     memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained, getattr(args, "stride", 32))
     if args.method == "bp":
-        return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T)
+        return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T,
+                            getattr(args, "detach_layers", False))
     shared = getattr(args, "queries", "block") == "shared"  # checkpoints from before --queries: per block
     blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout, own_query=not shared)
               for _ in range(args.T)]
     queries = nn.Parameter(torch.randn(args.slots, args.dim)) if shared else None  # N(0, I), as DETR's
     return FlowDetector(memory, blocks, num_classes, args.dim, guard=not args.no_guard, queries=queries,
                         predict=getattr(args, "predict", "velocity"),
-                        anchors=anchor_points(args.slots) if getattr(args, "coupling", "") == "anchor" else None)
+                        anchors=anchor_points(args.slots) if getattr(args, "coupling", "") == "anchor" else None,
+                        box_embed=getattr(args, "box_embed", "linear"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -913,6 +932,12 @@ def main(args):
     core.check_flags(args)
     if args.method == "fm" and args.train_path == "euler" and (args.time_split or args.t_dist != "uniform"):
         sys.exit("error: --train-path euler trains block k at t = k/T; --time-split and --t-dist do not apply")
+    if args.detach_layers and args.method != "bp":
+        sys.exit("error: --detach-layers is a bp diagnostic (fm's blocks never pass gradients anyway)")
+    if args.detach_layers and not args.aux_loss:
+        sys.exit("error: --detach-layers trains each layer on its own auxiliary loss; drop --no-aux-loss")
+    if args.box_embed != "linear" and args.method != "fm":
+        sys.exit("error: --box-embed sets fm's targets; bp has none")
     try:
         train_set, test_set, classes = core.main_first(lambda: build_data(args))  # written / downloaded once
         model = build_model(args, len(classes)).to(device)
@@ -928,14 +953,15 @@ def main(args):
     backbone = list(model.backbone.trunk.parameters())
     ids = {id(p) for p in backbone}
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
-                                   {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
+                                   {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd,
+                                  foreach=True)  # torch's multi-tensor step, also on CPU (faster there too)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop], 0.1)  # stepped per epoch
     if core.is_main():
         print(f"{args.method} on {args.dataset}: {args.backbone} T={args.T} mode={args.mode} coupling={args.coupling} "
               f"M={args.slots} device={device}; {overflow} training images have more than {args.slots} objects "
               f"(first {args.slots} kept as targets)")
     arch = ("method", "dataset", "T", "backbone", "stride", "dim", "slots", "nheads", "ffn", "img_size", "no_guard",
-            "z0_std", "queries", "predict", "coupling")
+            "z0_std", "queries", "predict", "coupling", "box_embed")
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
                     lambda m: evaluate(m, test_loader, args, device, len(classes)), summary,
