@@ -94,6 +94,9 @@ def get_args_parser():
                    help="where block k trains: z_t on the straight line z0 -> z1 at sampled t (paper), or the "
                         "Euler state that blocks 0..k-1 reach at t = k/T (inference's own path; no gradient "
                         "crosses blocks)")
+    p.add_argument("--euler-paths", default="shared", choices=["shared", "block"],
+                   help="--train-path euler: one Euler trajectory per batch whose states serve every block "
+                        "(T-1 block forwards), or each block its own noise and trajectory (T(T-1)/2 forwards)")
     p.add_argument("--predict", default=None, choices=["velocity", "endpoint"],
                    help="block output: the velocity v (paper), or the endpoint z1_hat with "
                         "v = (z1_hat - z_t) / (1 - t); endpoint weights the flow MSE by (1 - t)^2, "
@@ -105,7 +108,7 @@ def get_args_parser():
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
                    help="training t: U[0,1] (paper), u^2 (more small t), or 0 (one-step map)")
-    p.add_argument("--z0-std", type=float, default=1.0, help="std of the noise z0 (paper: 1)")
+    p.add_argument("--z0-std", type=float, default=None, help="std of the noise z0 (paper and VOC: 1; minivoc 0.1)")
     p.add_argument("--flow-weight", type=float, default=0.1, help="weight of the flow MSE (paper 0.1)")
     p.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false",
@@ -130,7 +133,7 @@ def get_args_parser():
     p.add_argument("--ffn", type=int, default=512, help="FFN width of each block")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 60)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 50, lr drop at 40)")
     p.add_argument("--bs", type=int, default=None, help="batch size per process (paper 16; minivoc 8)")
     p.add_argument("--lr", type=float, default=None, help="lr of the blocks, heads and embeddings (paper 1e-4)")
     p.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (paper 1e-5; minivoc: --lr)")
@@ -155,10 +158,10 @@ def get_args_parser():
 SETUPS = {
     "voc2007": dict(backbone="resnet50", img_size=256, stride=32, slots=20, bs=16, lr=1e-4, lr_backbone=1e-5,
                     epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5,
-                    coupling="index", queries="block", predict="velocity", train_path="line"),
+                    coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0),
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
-                    epochs=60, lr_drop=48, mode="parallel", workers=0, hflip=0.0,
-                    coupling="match", queries="shared", predict="endpoint", train_path="euler"),
+                    epochs=50, lr_drop=40, mode="parallel", workers=0, hflip=0.0,
+                    coupling="match", queries="shared", predict="endpoint", train_path="euler", z0_std=0.1),
 }
 
 
@@ -792,8 +795,10 @@ def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
     cross blocks: z carries none. match (--coupling match): first each object moves to the slot whose
     prediction Hungarian-matches it (slot_matches on z1_hat's decoding), z1, classes and boxes alike.
     Returns (mse, z1_hat = z + (1 - t) v, classes, boxes); with --predict endpoint the mse is
-    ||z1_hat - z1||^2, with velocity ||v - u||^2. With the guard (default) the targets W_class, W_box
-    get no gradient from the task loss here (z1_hat does not depend on them), only through the mse."""
+    ||z1_hat - z1||^2, with velocity ||v - u||^2. z1_hat does not depend on the targets W_class, W_box
+    here (z comes from the blocks, not from z1), so with the guard (default: the mse sees z1 through a
+    stop-gradient) they stay at their random init, a fixed random code for each class and box
+    coordinate; --no-guard lets the mse move them."""
     t = k / model.T
     z1_hat = z + (1 - t) * model.velocity(k, z, feats, torch.full((len(z),), t, device=z.device))
     if match:
@@ -911,7 +916,7 @@ def train_step(model, x, targets, blocks, args, device, forward=None, index=None
         noise = lambda k: None if index is None else \
             core.train_noise(index, (*noise_key, k), (args.slots, model.dim), device)  # noqa: E731
         path = None
-        if args.train_path == "euler":  # one Euler trajectory per batch (block 0's noise), every block's state
+        if args.train_path == "euler" and args.euler_paths == "shared":  # one trajectory (block 0's noise)
             z0 = noise(0)[0] if index is not None else torch.randn(len(x), args.slots, model.dim, device=device)
             path = euler_states(model, feats, z0 * args.z0_std, max(blocks))
 
