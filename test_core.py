@@ -529,6 +529,22 @@ def test_endpoint_parametrisation_decodes_the_block_output_exactly():
     assert model.queries is not None and all(h.slot is None for h in model.heads)  # anchor: shared queries
 
 
+def test_skip_parametrisation_adds_the_block_output_to_the_least_squares_guess():
+    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "2",
+                       "--predict", "skip", "--z0-std", "0.1"])
+    model = det.build_model(args, 3).eval()
+    z, memory, t = torch.randn(2, 4, 32), [torch.randn(2, 5, 32)], torch.tensor([0.0, 0.25])
+    out = model.heads[1](z, memory[0], t, model.query())
+    z1_hat = core.endpoint(z, model.velocity(1, z, memory, t), t)
+    torch.testing.assert_close(z1_hat[0], out[0], atol=1e-5, rtol=1e-5)  # t = 0: the block alone
+    c = 0.25 / (0.25 ** 2 + 0.75 ** 2 * 0.1 ** 2)
+    torch.testing.assert_close(z1_hat[1], c * z[1] + out[1], atol=1e-4, rtol=1e-4)
+    gen = torch.Generator().manual_seed(0)  # c is the least-squares coefficient of z1 on z_t
+    z1, z0 = torch.randn(400000, generator=gen), 0.1 * torch.randn(400000, generator=gen)
+    zt = 0.25 * z1 + 0.75 * z0
+    assert abs((zt * z1).mean() / (zt * zt).mean() - c) < 0.03
+
+
 def test_euler_train_path_starts_block_k_where_inference_does_and_keeps_gradients_local():
     args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "3",
                        "--coupling", "anchor", "--predict", "endpoint", "--train-path", "euler", "--dropout", "0"])
@@ -691,6 +707,29 @@ def test_detection_offline_without_weights_is_one_line(tmp_path, monkeypatch):
     argv = [a for a in SMALL_DET if a != "--no-pretrained"] + ["--data", data, "--out", str(tmp_path / "d.pt")]
     message = exit_message(det, argv)
     assert "--weights" in message and "--no-pretrained" in message
+
+
+def test_tiny_backbone_digits_pretraining(tmp_path):
+    """minivoc's stand-in for ImageNet weights: pretrain_tiny learns (well above the 0.1 of chance
+    after a few hundred steps), saves the trunk alone, leaves the caller's RNG alone, and the file
+    loads into the detector's tiny trunk, while a trunk of another stride refuses it in one line."""
+    path = str(tmp_path / "tiny.pth")
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    accuracy = det.pretrain_tiny(path, stride=8, samples=4096, epochs=3, size=24)
+    assert torch.equal(torch.rand(3), expected)  # isolated from the caller's RNG
+    assert accuracy > 0.4
+    state = torch.load(path, weights_only=True)
+    assert set(state) == set(det.build_tiny(8)[0].state_dict())  # the trunk's keys only, no classifier
+    trunk, channels = det.build_resnet("tiny", path, stride=8)
+    assert channels == 128 and all(torch.equal(trunk.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(det.WeightsError, match="does not fit tiny"):
+        det.build_resnet("tiny", path, stride=16)
+    args = parse(det, ["--dataset", "minivoc"])
+    assert not args.no_pretrained and args.weights is None  # main() fills in the cached digits weights
+    assert parse(det, ["--backbone", "tiny", "--no-pretrained"]).no_pretrained
+    assert parse(det, ["--backbone", "tiny"]).no_pretrained  # on VOC tiny has nothing to start from
 
 
 # ------------------------------------------------------------------------------------------------

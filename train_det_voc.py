@@ -60,6 +60,7 @@ from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 from torchvision.ops import batched_nms, box_convert, generalized_box_iou
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 import core
 
@@ -99,10 +100,11 @@ def get_args_parser():
     p.add_argument("--euler-paths", default="shared", choices=["shared", "block"],
                    help="--train-path euler: one Euler trajectory per batch whose states serve every block "
                         "(T-1 block forwards), or each block its own noise and trajectory (T(T-1)/2 forwards)")
-    p.add_argument("--predict", default=None, choices=["velocity", "endpoint"],
+    p.add_argument("--predict", default=None, choices=["velocity", "endpoint", "skip"],
                    help="block output: the velocity v (paper), or the endpoint z1_hat with "
                         "v = (z1_hat - z_t) / (1 - t); endpoint weights the flow MSE by (1 - t)^2, "
-                        "i.e. it is ||z1_hat - z1||^2")
+                        "i.e. it is ||z1_hat - z1||^2; skip: the endpoint as c_skip(t) z_t + f, the best linear "
+                        "guess of z1 from z_t (EDM's c_skip) plus the block's correction")
     p.add_argument("--queries", default=None, choices=["block", "shared"],
                    help="slot queries added to each block's input: its own (init 0.02) or one set for all blocks "
                         "(init N(0, 1), as DETR's)")
@@ -127,8 +129,10 @@ def get_args_parser():
                    help="torchvision ResNet, or tiny: a small CNN from random init for CPU runs")
     p.add_argument("--stride", type=int, default=None, choices=[8, 16, 32],
                    help="memory from layer4 (32, paper), layer3 (16) or layer2 (8); minivoc default 8")
-    p.add_argument("--weights", default=None, help="local torchvision state dict of the backbone (offline)")
-    p.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
+    p.add_argument("--weights", default=None,
+                   help="local state dict of the backbone: a torchvision ResNet's (offline), or the tiny trunk's")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random init instead of ImageNet weights (tiny on minivoc: instead of its digits pretraining)")
     p.add_argument("--dim", type=int, default=128, help="d: memory and slot width")
     p.add_argument("--slots", type=int, default=None, help="M query slots (paper 20; minivoc 10)")
     p.add_argument("--nheads", type=int, default=4, help="attention heads")
@@ -183,7 +187,7 @@ def apply_method_defaults(args, argv):
         args.assign = "coupling" if own else "hungarian"
     if args.coupling == "anchor" and "--queries" not in given:
         args.queries = "shared"  # slot j means anchor j to every block
-    if args.backbone == "tiny":  # nothing to download
+    if args.backbone == "tiny" and args.dataset != "minivoc":  # its only pretraining is on digits
         args.no_pretrained = True
     return args
 
@@ -277,6 +281,26 @@ def voc_eval(dets, gts, num_classes, iou_thresh=0.5, use_07_metric=True):
 MINIVOC_VERSION = "minivoc 2: 64-96 px canvases, 1-5 digits of 12-40 px"
 
 
+def cluttered_canvas(rng, h, w, strokes, length):
+    """An h x w grey canvas (float, 0-255): noise N(40, 20) and rng.integers(*strokes) random horizontal
+    or vertical strokes of rng.integers(*length) pixels (minivoc's clutter)."""
+    canvas = rng.normal(40, 20, (h, w)).clip(0, 255)
+    for _ in range(int(rng.integers(*strokes))):
+        x0, y0 = rng.integers(0, w), rng.integers(0, h)
+        n, horizontal = int(rng.integers(*length)), rng.random() < 0.5
+        if horizontal:
+            canvas[y0, x0:x0 + n] = rng.integers(100, 200)
+        else:
+            canvas[y0:y0 + n, x0] = rng.integers(100, 200)
+    return canvas
+
+
+def digit_patch(image, size):
+    """A scikit-learn digit ([1, 8, 8] in [0, 1]) resized to size x size pixels, float 0-255."""
+    return np.asarray(Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR),
+                      dtype=np.float64)
+
+
 def write_minivoc(root, n_train=960, n_test=240, seed=0):
     """Write minivoc once under root/VOCdevkit/VOC2007 in the real VOC layout: JPEGImages/*.jpg,
     Annotations/*.xml (VOC schema: size, object/name/difficult/truncated/bndbox with 1-based pixel
@@ -303,20 +327,12 @@ def write_minivoc(root, n_train=960, n_test=240, seed=0):
         for n in range(count):
             name = f"{offset + n:06d}"
             w, h = (int(v) for v in rng.integers(64, 97, size=2))
-            canvas = rng.normal(40, 20, (h, w)).clip(0, 255)
-            for _ in range(int(rng.integers(2, 6))):  # clutter strokes
-                x0, y0 = rng.integers(0, w), rng.integers(0, h)
-                length, horizontal = int(rng.integers(5, 30)), rng.random() < 0.5
-                if horizontal:
-                    canvas[y0, x0:x0 + length] = rng.integers(100, 200)
-                else:
-                    canvas[y0:y0 + length, x0] = rng.integers(100, 200)
+            canvas = cluttered_canvas(rng, h, w, strokes=(2, 6), length=(5, 30))
             objects = []
             for _ in range(int(rng.integers(1, 6))):
                 j = int(rng.integers(len(labels)))
                 size = int(rng.integers(12, 41))
-                digit = np.asarray(Image.fromarray((images[j, 0].numpy() * 255).astype(np.uint8)).resize(
-                    (size, size), Image.BILINEAR), dtype=np.float64)
+                digit = digit_patch(images[j], size)
                 x0 = int(rng.integers(-size // 3, w - 2 * size // 3))
                 y0 = int(rng.integers(-size // 3, h - 2 * size // 3))
                 xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + size, w), min(y0 + size, h)
@@ -454,29 +470,96 @@ def build_tiny(stride):
     return nn.Sequential(*layers), c_in
 
 
+def pretrain_tiny(path, stride, samples=24000, epochs=8, size=32, bs=128, lr=2e-3, seed=0):
+    """minivoc's stand-in for ImageNet weights (the paper fine-tunes a pretrained backbone): the tiny
+    trunk, with global average pooling and a linear classifier on top, learns to classify single
+    digits of the digits *train* split (minivoc's test canvases use the held-out digits, never seen
+    here), each pasted at size / 4 to 7 size / 8 px (8-28 px) onto a size x size canvas with
+    minivoc's noise and strokes. `samples` canvases, `epochs` epochs, AdamW with a one-cycle lr; the
+    trunk's state dict is saved atomically to `path` (the classifier is dropped). Seeded, and isolated
+    from the caller's RNG. Returns the accuracy on 2000 fresh canvases of the train digits."""
+    (images, labels), _ = core.digits_split()
+    rng = np.random.default_rng(seed)
+
+    def render(n):
+        x, y = np.zeros((n, size, size), np.float32), np.zeros(n, np.int64)
+        for i in range(n):
+            canvas = cluttered_canvas(rng, size, size, strokes=(0, 3), length=(3, 15))
+            j, s = int(rng.integers(len(labels))), int(rng.integers(size // 4, size * 7 // 8 + 1))
+            x0, y0 = (int(v) for v in rng.integers(0, size - s + 1, size=2))
+            canvas[y0:y0 + s, x0:x0 + s] = np.maximum(canvas[y0:y0 + s, x0:x0 + s], digit_patch(images[j], s))
+            x[i], y[i] = canvas, labels[j]
+        x = torch.from_numpy(x / 255.0)[:, None].expand(-1, 3, -1, -1)
+        return v2.functional.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), torch.from_numpy(y)
+
+    x, y = render(samples)
+    x_val, y_val = render(2000)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        trunk, channels = build_tiny(stride)
+        net = nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+        optimizer = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
+        steps = samples // bs
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps)
+        for _ in tqdm(range(epochs), desc="pretraining the tiny backbone on digits", leave=False):
+            net.train()
+            order = torch.randperm(samples)
+            for b in range(steps):
+                i = order[b * bs:(b + 1) * bs]
+                loss = F.cross_entropy(net(x[i]), y[i])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+        net.eval()
+        with torch.no_grad():
+            accuracy = (net(x_val).argmax(1) == y_val).float().mean().item()
+    core.save_checkpoint(trunk.state_dict(), path)
+    return accuracy
+
+
+def tiny_weights(args):
+    """--backbone tiny on minivoc without --weights or --no-pretrained: the digits-pretrained trunk,
+    written once under --data (as torchvision caches a download) by pretrain_tiny."""
+    path = os.path.join(args.data, f"tiny_digits_stride{args.stride}.pth")
+    if not os.path.isfile(path):
+        accuracy = pretrain_tiny(path, args.stride)
+        print(f"tiny backbone pretrained on digit classification (train digits only): accuracy {accuracy:.3f} on "
+              f"fresh canvases -> {path}")
+    return path
+
+
+def load_weights(net, weights_file, name):
+    """Load a local state dict into `net` (a classifier's "fc." keys ignored); WeightsError when it
+    cannot be read or does not fit."""
+    try:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read weights file {weights_file} ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{weights_file} holds no state dict")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise WeightsError(f"{weights_file} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                           f"wrong shape {shapes[:3]}")
+    net.load_state_dict(state, strict=False)
+
+
 def build_resnet(name, weights_file=None, pretrained=True, stride=32):
     """torchvision ResNet trunk with ImageNet weights from torchvision's download, a local state dict
-    (--weights), or random init; up to layer4 (stride 32, the paper), layer3 (16) or layer2 (8)."""
+    (--weights), or random init; up to layer4 (stride 32, the paper), layer3 (16) or layer2 (8).
+    tiny: build_tiny, random init or a local state dict of its trunk (--weights)."""
     if name == "tiny":
+        trunk, channels = build_tiny(stride)
         if weights_file:
-            raise WeightsError("--backbone tiny has no pretrained weights; drop --weights")
-        return build_tiny(stride)
+            load_weights(trunk, weights_file, f"tiny (stride {stride})")
+        return trunk, channels
     net = getattr(torchvision.models, name)(weights=None)
     if weights_file:
-        try:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise WeightsError(f"cannot read weights file {weights_file} ({type(e).__name__})") from None
-        if not isinstance(state, dict):
-            raise WeightsError(f"{weights_file} holds no state dict")
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-        if missing or unexpected or shapes:
-            raise WeightsError(f"{weights_file} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                               f"wrong shape {shapes[:3]}")
-        net.load_state_dict(state, strict=False)
+        load_weights(net, weights_file, name)
     elif pretrained:
         enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
         try:
@@ -541,7 +624,7 @@ class FlowDetector(nn.Module):
     queries: [M, d] slot queries shared by every block (--queries shared), or None (each block its own)."""
 
     def __init__(self, memory, blocks, num_classes, dim, guard=True, queries=None, predict="velocity",
-                 anchors=None, box_embed="linear"):
+                 anchors=None, box_embed="linear", z0_std=1.0):
         super().__init__()
         self.backbone, self.heads = memory, nn.ModuleList(blocks)
         self.w_class = nn.Embedding(num_classes + 1, dim)  # index C = background
@@ -552,6 +635,7 @@ class FlowDetector(nn.Module):
         # with anchors, slot j's query also carries the sine encoding of its point, so it looks near it
         self.register_buffer("anchor_code", None if anchors is None else sine_encoding(anchors, dim), persistent=False)
         self.num_classes, self.dim, self.guard, self.box_embed = num_classes, dim, guard, box_embed
+        self.z0_std = z0_std  # --predict skip's preconditioning
 
     @property
     def T(self):
@@ -575,7 +659,21 @@ class FlowDetector(nn.Module):
         out = self.heads[k](z, feats[0], t, self.query())
         if self.predict == "velocity":
             return out
+        if self.predict == "skip":
+            out = self.skip(t) * z + out
         return (out - z) / (1 - t).view(-1, 1, 1)
+
+    def skip(self, t):
+        """--predict skip: c_skip(t) [B, 1, 1] of EDM (Karras et al. 2022) for z_t = t z1 + (1 - t) z0,
+        z0 ~ N(0, s0^2) (s0 = --z0-std), targets of unit variance per coordinate (W_class starts N(0, 1)
+        and stays there under the guard): c_skip z_t is the least-squares linear estimate of z1 from z_t.
+        At t = 0 it is 0 and the block predicts z1 alone; later the identity path hands the block the
+        running estimate (on the Euler path z_t / t is a weighted mean of the earlier blocks' endpoints
+        plus noise), so a block refines it by default, as a residual layer of bp's decoder does. EDM's
+        c_out is left out (1): on the Euler path what a block must correct is the earlier blocks'
+        error, far larger than the z0 noise c_out is sized for."""
+        t = t.view(-1, 1, 1).float()
+        return t / (t ** 2 + (1 - t) ** 2 * self.z0_std ** 2)
 
     def query(self):
         """Slot queries [M, d] added to every block's input (None: each block its own), plus with
@@ -632,7 +730,7 @@ def build_model(args, num_classes):
     return FlowDetector(memory, blocks, num_classes, args.dim, guard=not args.no_guard, queries=queries,
                         predict=getattr(args, "predict", "velocity"),
                         anchors=anchor_points(args.slots) if getattr(args, "coupling", "") == "anchor" else None,
-                        box_embed=getattr(args, "box_embed", "linear"))
+                        box_embed=getattr(args, "box_embed", "linear"), z0_std=getattr(args, "z0_std", 1.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -813,7 +911,7 @@ def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
             classes, z1, boxes = reorder_slots(slot_matches(*model.decode(z1_hat), classes, boxes, model.num_classes),
                                                classes, model.num_classes, z1, boxes)
     target = z1.detach() if model.guard else z1
-    scale = 1.0 if model.predict == "endpoint" else 1 / (1 - t)  # z1_hat - z1 = (1 - t)(v - u)
+    scale = 1.0 if model.predict != "velocity" else 1 / (1 - t)  # z1_hat - z1 = (1 - t)(v - u)
     return ((z1_hat - target).float() * scale).pow(2).mean(), z1_hat, classes, boxes
 
 
@@ -843,7 +941,7 @@ def block_loss(model, k, feats, targets, slots, args, noise=None, path=None):
         t = core.sample_t(len(z1), k, model.T, args.time_split, z1.device, args.t_dist, u)
         mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, args.time_split,
                                               args.sigma_min, detach_target=model.guard, z0=z0, t=t,
-                                              weight=(1 - t) ** 2 if model.predict == "endpoint" else None)
+                                              weight=(1 - t) ** 2 if model.predict != "velocity" else None)
     logits, pred_boxes = model.decode(z1_hat)
     if args.assign == "coupling":  # the slots' own targets: the same assignment as the flow path
         return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes)
@@ -870,13 +968,14 @@ def postprocess(logits, boxes, sizes, score_thresh=0.05, nms_iou=0.5):
 
 
 @torch.no_grad()
-def predict(model, x, index, args, steps=None, return_path=False, mode="euler"):
+def predict(model, x, index, args, steps=None, return_path=False, mode="euler", feats=None):
     """fm: Euler over T steps from per-image seeded z0 (block k on step k), or with mode='ensemble'
     the mean of the T single-step estimates z0 + v_k(z0, 0) (eqs. 27-28); bp: one forward.
-    Returns (logits, boxes), or with return_path the decoded latent after every Euler step."""
+    feats: the backbone's memory of x when already computed. Returns (logits, boxes), or with
+    return_path the decoded latent after every Euler step."""
     if args.method == "bp":
         return model(x)
-    feats = model.backbone(x)
+    feats = model.backbone(x) if feats is None else feats
     z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device) * getattr(args, "z0_std", 1.0)
     velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
     if mode == "ensemble":
@@ -891,10 +990,12 @@ def evaluate(model, loader, args, device, num_classes):
     modes = ["euler"] + (["ensemble"] if args.method == "fm" else [])
     dets, gts = {m: [] for m in modes}, []
     for x, targets, index in loader:
-        sizes = [t["size"] for t in targets]
+        sizes, x = [t["size"] for t in targets], x.to(device)
+        with torch.no_grad(), core.autocast(device, args.amp):
+            feats = model.backbone(x) if args.method == "fm" else None  # once for both inference modes
         for mode in modes:
             with core.autocast(device, args.amp):
-                logits, boxes = predict(model, x.to(device), index, args, mode=mode)
+                logits, boxes = predict(model, x, index, args, mode=mode, feats=feats)
             dets[mode] += postprocess(logits, boxes, sizes, args.score_thresh, args.nms)
         gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
     dets, gts = {m: core.all_gather(d) for m, d in dets.items()}, core.all_gather(gts)  # torchrun: every shard
@@ -951,10 +1052,14 @@ def main(args):
         sys.exit("error: --detach-layers is a bp diagnostic (fm's blocks never pass gradients anyway)")
     if args.detach_layers and not args.aux_loss:
         sys.exit("error: --detach-layers trains each layer on its own auxiliary loss; drop --no-aux-loss")
+    if args.method == "fm" and args.predict == "skip" and args.z0_std <= 0:
+        sys.exit("error: --predict skip needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
     if args.box_embed != "linear" and args.method != "fm":
         sys.exit("error: --box-embed sets fm's targets; bp has none")
     try:
         train_set, test_set, classes = core.main_first(lambda: build_data(args))  # written / downloaded once
+        if args.backbone == "tiny" and not (args.weights or args.no_pretrained):
+            args.weights = core.main_first(lambda: tiny_weights(args))  # pretrained once, like a download
         model = build_model(args, len(classes)).to(device)
         overflow = sum(len(train_set.dataset.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
     except (core.DataError, WeightsError) as e:
@@ -972,9 +1077,10 @@ def main(args):
                                   foreach=True)  # torch's multi-tensor step, also on CPU (faster there too)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop], 0.1)  # stepped per epoch
     if core.is_main():
-        print(f"{args.method} on {args.dataset}: {args.backbone} T={args.T} mode={args.mode} coupling={args.coupling} "
-              f"M={args.slots} device={device}; {overflow} training images have more than {args.slots} objects "
-              f"(first {args.slots} kept as targets)")
+        weights = args.weights or ("none" if args.no_pretrained else "ImageNet")
+        print(f"{args.method} on {args.dataset}: {args.backbone} (weights: {weights}) T={args.T} mode={args.mode} "
+              f"coupling={args.coupling} M={args.slots} device={device}; {overflow} training images have more than "
+              f"{args.slots} objects (first {args.slots} kept as targets)")
     arch = ("method", "dataset", "T", "backbone", "stride", "dim", "slots", "nheads", "ffn", "img_size", "no_guard",
             "z0_std", "queries", "predict", "coupling", "box_embed")
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
