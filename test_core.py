@@ -539,6 +539,10 @@ def test_skip_parametrisation_adds_the_block_output_to_the_least_squares_guess()
     torch.testing.assert_close(z1_hat[0], out[0], atol=1e-5, rtol=1e-5)  # t = 0: the block alone
     c = 0.25 / (0.25 ** 2 + 0.75 ** 2 * 0.1 ** 2)
     torch.testing.assert_close(z1_hat[1], c * z[1] + out[1], atol=1e-4, rtol=1e-4)
+    model.predict = "refine"  # the block also reads the guess c z_t instead of z_t
+    out = model.heads[1](c * z[1:], memory[0][1:], t[1:], model.query())
+    z1_hat = core.endpoint(z[1:], model.velocity(1, z[1:], [memory[0][1:]], t[1:]), t[1:])
+    torch.testing.assert_close(z1_hat, c * z[1:] + out, atol=1e-4, rtol=1e-4)
     gen = torch.Generator().manual_seed(0)  # c is the least-squares coefficient of z1 on z_t
     z1, z0 = torch.randn(400000, generator=gen), 0.1 * torch.randn(400000, generator=gen)
     zt = 0.25 * z1 + 0.75 * z0

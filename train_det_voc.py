@@ -24,11 +24,13 @@ slot whose own prediction Hungarian-matches it; 'anchor' to fixed reference poin
 
 Beyond the paper (flags; README "Detection on minivoc" has the measurements behind each):
 --queries shared (one set of N(0, 1) slot queries for all blocks, so slot j means the same to every
-block), --predict endpoint (the block outputs z1_hat, v = (z1_hat - z_t) / (1 - t)), --train-path
-euler (block k trains on the Euler state blocks 0..k-1 reach at t = k/T, where inference uses it;
---euler-paths shared draws one trajectory per batch for all blocks), --assign coupling (the
-detection loss on the coupling's slots instead of a fresh Hungarian match), --box-embed sine,
---t-dist, --z0-std, --flow-weight; for bp, --detach-layers (greedy layer-wise training).
+block), --predict endpoint (the block outputs z1_hat, v = (z1_hat - z_t) / (1 - t)), --predict skip
+(z1_hat = c_skip(t) z_t + the block's output: it corrects the least-squares guess of z1 from z_t),
+--predict refine (the same, and the block reads that guess), --train-path euler (block k trains on
+the Euler state blocks 0..k-1 reach at t = k/T, where inference uses it; --euler-paths shared draws
+one trajectory per batch for all blocks), --assign coupling (the detection loss on the coupling's
+slots instead of a fresh Hungarian match), --box-embed sine, --t-dist, --z0-std, --flow-weight;
+for bp, --detach-layers (greedy layer-wise training).
 
 Images with more than M objects: the first M in annotation order are kept as targets (a message
 counts them once per run); evaluation always uses every ground-truth box.
@@ -37,12 +39,14 @@ Offline quickstart (minivoc: real scikit-learn digits pasted onto cluttered canv
 real VOC on-disk format under --data and read by the same loader as VOC 2007):
     python train_det_voc.py --dataset minivoc --out runs/det_fm.pt
 minivoc is not a paper setup; its defaults are sized for a 2-core CPU: --backbone tiny (a 3-stage
-CNN from random init, memory at stride 8), 64 px input, M = 10 slots, batch 8, lr 5e-4 for every
-parameter, 50 epochs with the lr drop at 40, parallel schedule, no horizontal flip (a mirrored digit
-is another glyph). fm on minivoc defaults to the best recipe measured (--coupling match --queries
-shared --predict endpoint --train-path euler --z0-std 0.1); VOC keeps the paper's (index, per-block
-queries, velocity, straight-line path, z0 std 1). Measured on a 2-core CPU, one core per job, seeds
-0 / 1: fm map50 0.233 / 0.204 in about 16 min, --method bp 0.512 / 0.492 in about 12 min (README.md).
+CNN, memory at stride 8), 64 px input, M = 10 slots, batch 8, lr 5e-4 for every parameter, 40
+epochs with the lr drop at 32, parallel schedule, no horizontal flip (a mirrored digit is another
+glyph). In place of ImageNet weights the tiny trunk is pretrained once on digit classification
+(the train digits only; pretrain_tiny, cached under --data; --no-pretrained for random init). fm
+on minivoc defaults to the best recipe measured (--coupling match --queries shared --predict skip
+--train-path euler --z0-std 0.1); VOC keeps the paper's (index, per-block queries, velocity,
+straight-line path, z0 std 1). Measured on a 2-core CPU, one core per job, seeds 0 / 1: fm map50
+0.540 / 0.539 in 12-14 min, --method bp 0.665 / 0.635 in 9 min (0.81x / 0.85x; README.md).
 """
 import argparse
 import math
@@ -100,11 +104,12 @@ def get_args_parser():
     p.add_argument("--euler-paths", default="shared", choices=["shared", "block"],
                    help="--train-path euler: one Euler trajectory per batch whose states serve every block "
                         "(T-1 block forwards), or each block its own noise and trajectory (T(T-1)/2 forwards)")
-    p.add_argument("--predict", default=None, choices=["velocity", "endpoint", "skip"],
+    p.add_argument("--predict", default=None, choices=["velocity", "endpoint", "skip", "refine"],
                    help="block output: the velocity v (paper), or the endpoint z1_hat with "
                         "v = (z1_hat - z_t) / (1 - t); endpoint weights the flow MSE by (1 - t)^2, "
                         "i.e. it is ||z1_hat - z1||^2; skip: the endpoint as c_skip(t) z_t + f, the best linear "
-                        "guess of z1 from z_t (EDM's c_skip) plus the block's correction")
+                        "guess of z1 from z_t (EDM's c_skip) plus the block's correction; refine: the same, and the "
+                        "block also reads that guess instead of z_t")
     p.add_argument("--queries", default=None, choices=["block", "shared"],
                    help="slot queries added to each block's input: its own (init 0.02) or one set for all blocks "
                         "(init N(0, 1), as DETR's)")
@@ -166,8 +171,8 @@ SETUPS = {
                     epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5,
                     coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0),
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
-                    epochs=50, lr_drop=40, mode="parallel", workers=0, hflip=0.0,
-                    coupling="match", queries="shared", predict="endpoint", train_path="euler", z0_std=0.1),
+                    epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0,
+                    coupling="match", queries="shared", predict="skip", train_path="euler", z0_std=0.1),
 }
 
 
@@ -656,11 +661,12 @@ class FlowDetector(nn.Module):
     def velocity(self, k, z, feats, t):
         """v_k(z_t, t). predict='endpoint': the block's output f is the endpoint z1_hat and
         v = (f - z_t) / (1 - t), the same field parametrised so that z_t + (1 - t) v = f exactly."""
-        out = self.heads[k](z, feats[0], t, self.query())
+        guess = self.skip(t) * z if self.predict in ("skip", "refine") else None
+        out = self.heads[k](guess if self.predict == "refine" else z, feats[0], t, self.query())
         if self.predict == "velocity":
             return out
-        if self.predict == "skip":
-            out = self.skip(t) * z + out
+        if guess is not None:
+            out = guess + out
         return (out - z) / (1 - t).view(-1, 1, 1)
 
     def skip(self, t):
@@ -1052,7 +1058,7 @@ def main(args):
         sys.exit("error: --detach-layers is a bp diagnostic (fm's blocks never pass gradients anyway)")
     if args.detach_layers and not args.aux_loss:
         sys.exit("error: --detach-layers trains each layer on its own auxiliary loss; drop --no-aux-loss")
-    if args.method == "fm" and args.predict == "skip" and args.z0_std <= 0:
+    if args.method == "fm" and args.predict in ("skip", "refine") and args.z0_std <= 0:
         sys.exit("error: --predict skip needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
     if args.box_embed != "linear" and args.method != "fm":
         sys.exit("error: --box-embed sets fm's targets; bp has none")
