@@ -43,10 +43,11 @@ CNN, memory at stride 8), 64 px input, M = 10 slots, batch 8, lr 5e-4 for every 
 epochs with the lr drop at 32, parallel schedule, no horizontal flip (a mirrored digit is another
 glyph). In place of ImageNet weights the tiny trunk is pretrained once on digit classification
 (the train digits only; pretrain_tiny, cached under --data; --no-pretrained for random init). fm
-on minivoc defaults to the best recipe measured (--coupling match --queries shared --predict skip
+on minivoc defaults to the best recipe measured (--coupling match --queries shared --predict refine
 --train-path euler --z0-std 0.1); VOC keeps the paper's (index, per-block queries, velocity,
-straight-line path, z0 std 1). Measured on a 2-core CPU, one core per job, seeds 0 / 1: fm map50
-0.540 / 0.539 in 12-14 min, --method bp 0.665 / 0.635 in 9 min (0.81x / 0.85x; README.md).
+straight-line path, z0 std 1). Measured on a 2-core CPU, one core per job, seeds 0 / 1 / 2: fm map50
+0.567 / 0.580 / 0.549 in 12-14 min, --method bp 0.665 / 0.635 / 0.616 in 9 min (0.85x / 0.91x /
+0.89x; README.md).
 """
 import argparse
 import math
@@ -172,7 +173,7 @@ SETUPS = {
                     coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0),
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
                     epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0,
-                    coupling="match", queries="shared", predict="skip", train_path="euler", z0_std=0.1),
+                    coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1),
 }
 
 
