@@ -72,6 +72,7 @@ import core
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # input normalisation (D.1)
 BP_DEFAULTS = {}  # the paper trains bp with the same D.1 settings
 
 
@@ -444,7 +445,7 @@ def build_data(args):
     classes = DIGIT_CLASSES if args.dataset == "minivoc" else VOC_CLASSES
     if args.dataset == "minivoc":
         write_minivoc(args.data)
-    norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     size = (args.img_size, args.img_size)
     flip = v2.RandomHorizontalFlip(getattr(args, "hflip", 0.5))  # checkpoints from before --hflip: 0.5
     train_tf = v2.Compose([flip, v2.Resize(size, antialias=True)] + norm)
@@ -496,7 +497,7 @@ def pretrain_tiny(path, stride, samples=24000, epochs=8, size=32, bs=128, lr=2e-
             canvas[y0:y0 + s, x0:x0 + s] = np.maximum(canvas[y0:y0 + s, x0:x0 + s], digit_patch(images[j], s))
             x[i], y[i] = canvas, labels[j]
         x = torch.from_numpy(x / 255.0)[:, None].expand(-1, 3, -1, -1)
-        return v2.functional.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), torch.from_numpy(y)
+        return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD), torch.from_numpy(y)
 
     x, y = render(samples)
     x_val, y_val = render(2000)
@@ -641,7 +642,7 @@ class FlowDetector(nn.Module):
         # with anchors, slot j's query also carries the sine encoding of its point, so it looks near it
         self.register_buffer("anchor_code", None if anchors is None else sine_encoding(anchors, dim), persistent=False)
         self.num_classes, self.dim, self.guard, self.box_embed = num_classes, dim, guard, box_embed
-        self.z0_std = z0_std  # --predict skip's preconditioning
+        self.z0_std = z0_std  # c_skip of --predict skip / refine
 
     @property
     def T(self):
@@ -661,7 +662,8 @@ class FlowDetector(nn.Module):
 
     def velocity(self, k, z, feats, t):
         """v_k(z_t, t). predict='endpoint': the block's output f is the endpoint z1_hat and
-        v = (f - z_t) / (1 - t), the same field parametrised so that z_t + (1 - t) v = f exactly."""
+        v = (f - z_t) / (1 - t), the same field parametrised so that z_t + (1 - t) v = f exactly;
+        'skip': z1_hat = c_skip(t) z_t + f; 'refine': the same with the block reading c_skip(t) z_t."""
         guess = self.skip(t) * z if self.predict in ("skip", "refine") else None
         out = self.heads[k](guess if self.predict == "refine" else z, feats[0], t, self.query())
         if self.predict == "velocity":
@@ -671,7 +673,7 @@ class FlowDetector(nn.Module):
         return (out - z) / (1 - t).view(-1, 1, 1)
 
     def skip(self, t):
-        """--predict skip: c_skip(t) [B, 1, 1] of EDM (Karras et al. 2022) for z_t = t z1 + (1 - t) z0,
+        """--predict skip / refine: c_skip(t) [B, 1, 1] of EDM (Karras et al. 2022) for z_t = t z1 + (1 - t) z0,
         z0 ~ N(0, s0^2) (s0 = --z0-std), targets of unit variance per coordinate (W_class starts N(0, 1)
         and stays there under the guard): c_skip z_t is the least-squares linear estimate of z1 from z_t.
         At t = 0 it is 0 and the block predicts z1 alone; later the identity path hands the block the
@@ -1060,7 +1062,7 @@ def main(args):
     if args.detach_layers and not args.aux_loss:
         sys.exit("error: --detach-layers trains each layer on its own auxiliary loss; drop --no-aux-loss")
     if args.method == "fm" and args.predict in ("skip", "refine") and args.z0_std <= 0:
-        sys.exit("error: --predict skip needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
+        sys.exit(f"error: --predict {args.predict} needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
     if args.box_embed != "linear" and args.method != "fm":
         sys.exit("error: --box-embed sets fm's targets; bp has none")
     try:
