@@ -610,6 +610,29 @@ def test_sine_box_embedding_adds_the_centre_code_of_the_memory_positions():
     torch.testing.assert_close(model.targets(classes, boxes)[0, 0] - plain[0, 0], code)
 
 
+def test_box_query_adds_the_position_code_of_the_estimates_box_centre():
+    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "2",
+                       "--box-query", "--dropout", "0"])
+    model = det.build_model(args, 3).eval()
+    with torch.no_grad():  # a box head that reads the centre straight off coordinates 0 and 1
+        model.box_head.weight.zero_(), model.box_head.bias.zero_()
+        model.box_head.weight[0, 0] = model.box_head.weight[1, 1] = 1.0
+    z = torch.zeros(1, 4, 32)
+    z[0, 0, :2] = torch.logit(torch.tensor([0.25, 0.75]))  # slot 0 decodes to centre (0.25, 0.75)
+    code = det.sine_position(2, 2, 32, "cpu")[2]  # grid cell (x 0.25, y 0.75) of a 2 x 2 memory
+    torch.testing.assert_close(model.query(z)[0, 0] - model.queries[0], code)
+    middle = det.sine_encoding(torch.tensor([[0.5, 0.5]]), 32)[0]  # the other slots decode to the centre
+    torch.testing.assert_close(model.query(z)[0, 1] - model.queries[1], middle)
+    assert model.query(z).requires_grad and model.box_head.weight.grad is None
+    memory, t = [torch.randn(1, 5, 32)], torch.tensor([0.5])
+    model.predict = "refine"  # the block reads the guess c z_t, and the query of the guess's boxes
+    guess = model.skip(t) * z
+    out = model.heads[1](guess, memory[0], t, model.query(guess))
+    torch.testing.assert_close(core.endpoint(z, model.velocity(1, z, memory, t), t), guess + out, atol=1e-5, rtol=1e-5)
+    model.box_query = False  # without the flag the block reads the same latent code only
+    torch.testing.assert_close(model.query(z), model.queries)
+
+
 def test_batched_matching_equals_matching_each_image_alone():
     gen = torch.Generator().manual_seed(0)
     logits, boxes = torch.randn(3, 6, 5, generator=gen), torch.rand(3, 6, 4, generator=gen) * 0.5 + 0.2
@@ -657,6 +680,28 @@ def test_minivoc_is_real_voc_format_and_flip_moves_boxes(tmp_path):
     raw = target["boxes"][0]  # 1-based inclusive xyxy
     cx = target["boxes_norm"][0, 0] * w
     assert cx == pytest.approx(w - ((raw[0] - 1) + raw[2]) / 2, abs=1e-3)
+
+
+def test_crop_keeps_every_box_whole_and_moves_it_with_the_image():
+    from torchvision import tv_tensors
+    crop = det.CropKeepingBoxes(0.6)
+    torch.manual_seed(0)
+    xyxy = torch.tensor([[30.0, 20.0, 50.0, 40.0], [70.0, 10.0, 80.0, 60.0]])
+    image = torch.zeros(3, 90, 120, dtype=torch.uint8)
+    image[:, 20:40, 30:50] = 255  # the first box's pixels
+    sizes = set()
+    for _ in range(100):
+        out, boxes = crop(tv_tensors.Image(image), tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=(90, 120)))
+        h, w = out.shape[-2:]
+        sizes.add((h, w))
+        assert 54 <= h <= 90 and 72 <= w <= 120  # each side keeps at least 0.6 of the image
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        torch.testing.assert_close(boxes[:, 2:] - boxes[:, :2], xyxy[:, 2:] - xyxy[:, :2])  # none cut
+        x0, y0, x1, y1 = boxes[0].int().tolist()
+        assert out[:, y0:y1, x0:x1].float().mean() == 255 and out.float().sum() == 255 * 3 * 400  # moved with it
+    assert len(sizes) > 50  # the scale and aspect do vary
+    empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(90, 120))
+    assert crop(tv_tensors.Image(image), empty)[0].shape[-1] >= 72  # an image without objects: any crop
 
 
 def test_minivoc_never_overwrites_another_voc_folder(tmp_path):

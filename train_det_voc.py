@@ -29,7 +29,8 @@ block), --predict endpoint (the block outputs z1_hat, v = (z1_hat - z_t) / (1 - 
 --predict refine (the same, and the block reads that guess), --train-path euler (block k trains on
 the Euler state blocks 0..k-1 reach at t = k/T, where inference uses it; --euler-paths shared draws
 one trajectory per batch for all blocks), --assign coupling (the detection loss on the coupling's
-slots instead of a fresh Hungarian match), --box-embed sine, --t-dist, --z0-std, --flow-weight;
+slots instead of a fresh Hungarian match), --box-embed sine, --box-query (each slot's query adds the
+sine code of the centre its running estimate decodes to), --t-dist, --z0-std, --flow-weight;
 for bp, --detach-layers (greedy layer-wise training).
 
 Images with more than M objects: the first M in annotation order are kept as targets (a message
@@ -41,7 +42,8 @@ real VOC on-disk format under --data and read by the same loader as VOC 2007):
 minivoc is not a paper setup; its defaults are sized for a 2-core CPU: --backbone tiny (a 3-stage
 CNN, memory at stride 8), 64 px input, M = 10 slots, batch 8, lr 5e-4 for every parameter, 40
 epochs with the lr drop at 32, parallel schedule, no horizontal flip (a mirrored digit is another
-glyph). In place of ImageNet weights the tiny trunk is pretrained once on digit classification
+glyph) but a random crop that keeps every box whole (--crop 0.6: scale, aspect and shift jitter).
+In place of ImageNet weights the tiny trunk is pretrained once on digit classification
 (the train digits only; pretrain_tiny, cached under --data; --no-pretrained for random init). fm
 on minivoc defaults to the best recipe measured (--coupling match --queries shared --predict refine
 --train-path euler --z0-std 0.1); VOC keeps the paper's (index, per-block queries, velocity,
@@ -87,6 +89,9 @@ def get_args_parser():
     p.add_argument("--hflip", type=float, default=None,
                    help="probability of the training horizontal flip (VOC 0.5; minivoc 0: a mirrored digit is "
                         "another glyph)")
+    p.add_argument("--crop", type=float, default=None,
+                   help="random crop keeping every box, sides in [CROP, 1] of the image (0 = off; VOC 0 as the "
+                        "paper; minivoc 0.6)")
     # method
     p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the DETR-style baseline")
     p.add_argument("--mode", default=None, choices=["parallel", "sequential"],
@@ -128,6 +133,8 @@ def get_args_parser():
                    help="bp diagnostic: no gradient from one decoder layer into the previous one, so each layer "
                         "learns from its own auxiliary loss only (greedy layer-wise training with the full "
                         "hidden state passed on; between bp and fm)")
+    p.add_argument("--box-query", action="store_true",
+                   help="fm: each slot's query adds the sine code of its running estimate's box centre")
     p.add_argument("--box-embed", default="linear", choices=["linear", "sine"],
                    help="fm box target: W_box b (eq. 2), or W_box b + the sine encoding of the box centre in the "
                         "memory's position code, so the latent says where to look to cross-attention")
@@ -170,10 +177,10 @@ def get_args_parser():
 # flags left at None: the paper's D.1 setup on VOC; minivoc is a CPU quickstart (README, "Detection")
 SETUPS = {
     "voc2007": dict(backbone="resnet50", img_size=256, stride=32, slots=20, bs=16, lr=1e-4, lr_backbone=1e-5,
-                    epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5,
+                    epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5, crop=0.0,
                     coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0),
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
-                    epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0,
+                    epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0, crop=0.6,
                     coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1),
 }
 
@@ -441,6 +448,32 @@ class VOCData(torch.utils.data.Dataset):
         return image, target, i
 
 
+class CropKeepingBoxes(v2.Transform):
+    """Random crop that contains every box: a scale, aspect and translation jitter that loses no object
+    and cuts none (--crop S: each side keeps a uniform fraction in [S, 1] of the image, at least the
+    span of the boxes, at a uniform position that keeps them all inside)."""
+
+    def __init__(self, min_side):
+        super().__init__()
+        self.min_side = min_side
+
+    def make_params(self, flat_inputs):
+        h, w = v2.functional.get_size(next(x for x in flat_inputs if isinstance(x, tv_tensors.Image)))
+        boxes = [x for x in flat_inputs if isinstance(x, tv_tensors.BoundingBoxes)]
+        boxes = boxes[0].as_subclass(torch.Tensor) if boxes and len(boxes[0]) else None
+        params = {}
+        for name, size, lo, hi in (("left", w, 0, 2), ("top", h, 1, 3)):
+            first, last = (size, 0) if boxes is None else (math.floor(boxes[:, lo].min()), math.ceil(boxes[:, hi].max()))
+            side = int(torch.randint(max(last - first, math.ceil(self.min_side * size)), size + 1, ()).item())
+            start_lo, start_hi = max(0, last - side), min(first, size - side)
+            params[name] = int(torch.randint(start_lo, start_hi + 1, ()).item())
+            params["width" if name == "left" else "height"] = side
+        return params
+
+    def transform(self, inpt, params):
+        return self._call_kernel(v2.functional.crop, inpt, **params)
+
+
 def build_data(args):
     classes = DIGIT_CLASSES if args.dataset == "minivoc" else VOC_CLASSES
     if args.dataset == "minivoc":
@@ -448,7 +481,8 @@ def build_data(args):
     norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     size = (args.img_size, args.img_size)
     flip = v2.RandomHorizontalFlip(getattr(args, "hflip", 0.5))  # checkpoints from before --hflip: 0.5
-    train_tf = v2.Compose([flip, v2.Resize(size, antialias=True)] + norm)
+    crop = [CropKeepingBoxes(args.crop)] if getattr(args, "crop", 0) else []  # checkpoints from before --crop: none
+    train_tf = v2.Compose([flip] + crop + [v2.Resize(size, antialias=True)] + norm)
     test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
     download = args.dataset == "voc2007"
     train = core.Seeded(VOCData(args.data, "trainval", classes, train_tf, download), args.seed)  # seeded flips
@@ -610,8 +644,8 @@ class ImageMemory(nn.Module):
 class FlowBlock(nn.Module):
     """v_k for M slots: a transformer decoder layer (self-attention over slots, cross-attention to the
     memory, FFN; LayerNorm only) on z_t + e_t + slot query, then a linear map to the velocity.
-    z: [B, M, d], memory: [B, N, d], t: [B], query: [M, d] (the detector's shared slot queries; None:
-    this block's own) -> [B, M, d]."""
+    z: [B, M, d], memory: [B, N, d], t: [B], query: [M, d] or [B, M, d] (the detector's slot queries;
+    None: this block's own only) -> [B, M, d]."""
 
     def __init__(self, dim, slots, nheads, ffn, dropout, own_query=True):
         super().__init__()
@@ -623,7 +657,7 @@ class FlowBlock(nn.Module):
     def forward(self, z, memory, t, query=None):
         if self.slot is not None:  # its own slot embedding, plus the detector's query if there is one
             query = self.slot if query is None else self.slot + query
-        return self.out(self.layer(z + self.time(t)[:, None] + query[None], memory))
+        return self.out(self.layer(z + self.time(t)[:, None] + query.expand_as(z), memory))
 
 
 class FlowDetector(nn.Module):
@@ -631,7 +665,7 @@ class FlowDetector(nn.Module):
     queries: [M, d] slot queries shared by every block (--queries shared), or None (each block its own)."""
 
     def __init__(self, memory, blocks, num_classes, dim, guard=True, queries=None, predict="velocity",
-                 anchors=None, box_embed="linear", z0_std=1.0):
+                 anchors=None, box_embed="linear", z0_std=1.0, box_query=False):
         super().__init__()
         self.backbone, self.heads = memory, nn.ModuleList(blocks)
         self.w_class = nn.Embedding(num_classes + 1, dim)  # index C = background
@@ -643,6 +677,7 @@ class FlowDetector(nn.Module):
         self.register_buffer("anchor_code", None if anchors is None else sine_encoding(anchors, dim), persistent=False)
         self.num_classes, self.dim, self.guard, self.box_embed = num_classes, dim, guard, box_embed
         self.z0_std = z0_std  # c_skip of --predict skip / refine
+        self.box_query = box_query  # --box-query: each slot's query carries where its latent's box is
 
     @property
     def T(self):
@@ -665,7 +700,8 @@ class FlowDetector(nn.Module):
         v = (f - z_t) / (1 - t), the same field parametrised so that z_t + (1 - t) v = f exactly;
         'skip': z1_hat = c_skip(t) z_t + f; 'refine': the same with the block reading c_skip(t) z_t."""
         guess = self.skip(t) * z if self.predict in ("skip", "refine") else None
-        out = self.heads[k](guess if self.predict == "refine" else z, feats[0], t, self.query())
+        seen = guess if self.predict == "refine" else z
+        out = self.heads[k](seen, feats[0], t, self.query(guess if guess is not None else z))
         if self.predict == "velocity":
             return out
         if guess is not None:
@@ -684,12 +720,19 @@ class FlowDetector(nn.Module):
         t = t.view(-1, 1, 1).float()
         return t / (t ** 2 + (1 - t) ** 2 * self.z0_std ** 2)
 
-    def query(self):
+    def query(self, estimate=None):
         """Slot queries [M, d] added to every block's input (None: each block its own), plus with
-        --coupling anchor the sine encoding of each slot's reference point, so slot j looks near it."""
-        if self.anchor_code is None:
-            return self.queries
-        return self.anchor_code if self.queries is None else self.queries + self.anchor_code
+        --coupling anchor the sine encoding of each slot's reference point, so slot j looks near it.
+        --box-query adds, per image, the sine encoding of the centre of the box that `estimate`
+        [B, M, d] (the running estimate of z1) decodes to -> [B, M, d]: the code the memory's positions
+        carry, so the block's cross-attention can look where the previous blocks put the object
+        (DAB-DETR's reference points; detached, no gradient into the box head, as there)."""
+        parts = [q for q in (self.queries, self.anchor_code) if q is not None]
+        if self.box_query and estimate is not None:
+            with torch.no_grad():
+                centre = self.box_head(estimate).float().sigmoid()[..., :2]
+            parts.append(sine_encoding(centre.reshape(-1, 2), self.dim).view_as(estimate).to(estimate.dtype))
+        return sum(parts) if parts else None
 
     def head(self, k):
         """Block k as head(z_t, memory, t) -> v, the signature of core.flow_matching_loss."""
@@ -739,7 +782,8 @@ def build_model(args, num_classes):
     return FlowDetector(memory, blocks, num_classes, args.dim, guard=not args.no_guard, queries=queries,
                         predict=getattr(args, "predict", "velocity"),
                         anchors=anchor_points(args.slots) if getattr(args, "coupling", "") == "anchor" else None,
-                        box_embed=getattr(args, "box_embed", "linear"), z0_std=getattr(args, "z0_std", 1.0))
+                        box_embed=getattr(args, "box_embed", "linear"), z0_std=getattr(args, "z0_std", 1.0),
+                        box_query=getattr(args, "box_query", False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1063,6 +1107,8 @@ def main(args):
         sys.exit("error: --detach-layers trains each layer on its own auxiliary loss; drop --no-aux-loss")
     if args.method == "fm" and args.predict in ("skip", "refine") and args.z0_std <= 0:
         sys.exit(f"error: --predict {args.predict} needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
+    if args.box_query and args.method != "fm":
+        sys.exit("error: --box-query sets fm's slot queries; bp's decoder learns its own")
     if args.box_embed != "linear" and args.method != "fm":
         sys.exit("error: --box-embed sets fm's targets; bp has none")
     try:
@@ -1088,10 +1134,10 @@ def main(args):
     if core.is_main():
         weights = args.weights or ("none" if args.no_pretrained else "ImageNet")
         print(f"{args.method} on {args.dataset}: {args.backbone} (weights: {weights}) T={args.T} mode={args.mode} "
-              f"coupling={args.coupling} M={args.slots} device={device}; {overflow} training images have more than "
-              f"{args.slots} objects (first {args.slots} kept as targets)")
+              f"coupling={args.coupling} M={args.slots} crop={args.crop} device={device}; {overflow} training images "
+              f"have more than {args.slots} objects (first {args.slots} kept as targets)")
     arch = ("method", "dataset", "T", "backbone", "stride", "dim", "slots", "nheads", "ffn", "img_size", "no_guard",
-            "z0_std", "queries", "predict", "coupling", "box_embed")
+            "z0_std", "queries", "predict", "coupling", "box_embed", "box_query")
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
                     lambda m: evaluate(m, test_loader, args, device, len(classes)), summary,
