@@ -156,7 +156,7 @@ class Run:
             train, test, _ = self.module.build_data(self.args, self.model.backbone)
         elif self.kind == "det":
             train, test, _ = self.module.build_data(self.args)
-            train.transform = test.transform
+            train.dataset.transform = test.transform  # train is core.Seeded(VOCData)
             return train, test
         else:
             train, test = self.module.build_data(self.args)[:2]

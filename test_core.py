@@ -901,6 +901,20 @@ def test_analyze_modes_on_a_digits_checkpoint(tmp_path):
     assert {(r["T"], r["method"]) for r in results["grad_variance"]} == {(4, "fm"), (4, "bp"), (6, "fm"), (6, "bp")}
 
 
+def test_analyze_reads_detection_train_images_without_augmentation(tmp_path):
+    det.write_minivoc(str(tmp_path), n_train=4, n_test=2)
+    run = object.__new__(analyze.Run)  # only what Run.data reads; no checkpoint needed
+    run.script, run.kind, run.module = "train_det_voc.py", "det", det
+    run.args = parse(det, ["--dataset", "minivoc", "--data", str(tmp_path), "--crop", "0.6"])
+    train, _ = run.data()
+    raw = train.dataset.annotation(0)["boxes"] - torch.tensor([1.0, 1.0, 0.0, 0.0])
+    h, w = train.dataset[0][1]["size"].tolist()
+    expected = det.box_convert(raw, "xyxy", "cxcywh") / torch.tensor([w, h, w, h])  # resized only
+    for epoch in range(4):  # a crop would move the boxes, differently every epoch
+        train.epoch = epoch
+        torch.testing.assert_close(train[0][1]["boxes_norm"], expected)
+
+
 def test_analyze_memory_fm_flat_in_T_bp_growing(tmp_path):
     args, extra = analyze.get_args_parser().parse_known_args(
         ["--memory", "--script", "train_cls_cnn.py", "--Ts", "2,8", "--outdir", str(tmp_path), "--dataset", "digits",
