@@ -125,6 +125,9 @@ def get_args_parser():
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
                    help="training t: U[0,1] (paper), u^2 (more small t), or 0 (one-step map)")
     p.add_argument("--z0-std", type=float, default=None, help="std of the noise z0 (paper and VOC: 1; minivoc 0.1)")
+    p.add_argument("--z0-infer", default=None, choices=["noise", "mean"],
+                   help="inference starts from a noise draw z0 (paper; VOC) or from its mean, z0 = 0 (minivoc); "
+                        "fm logs the other as map50_noise / map50_mean")
     p.add_argument("--flow-weight", type=float, default=0.1, help="weight of the flow MSE (paper 0.1)")
     p.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false",
@@ -178,10 +181,12 @@ def get_args_parser():
 SETUPS = {
     "voc2007": dict(backbone="resnet50", img_size=256, stride=32, slots=20, bs=16, lr=1e-4, lr_backbone=1e-5,
                     epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5, crop=0.0,
-                    coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0),
+                    coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0,
+                    z0_infer="noise"),
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
                     epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0, crop=0.6,
-                    coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1),
+                    coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1,
+                    z0_infer="mean"),
 }
 
 
@@ -1021,15 +1026,18 @@ def postprocess(logits, boxes, sizes, score_thresh=0.05, nms_iou=0.5):
 
 
 @torch.no_grad()
-def predict(model, x, index, args, steps=None, return_path=False, mode="euler", feats=None):
+def predict(model, x, index, args, steps=None, return_path=False, mode="euler", feats=None, start=None):
     """fm: Euler over T steps from per-image seeded z0 (block k on step k), or with mode='ensemble'
     the mean of the T single-step estimates z0 + v_k(z0, 0) (eqs. 27-28); bp: one forward.
-    feats: the backbone's memory of x when already computed. Returns (logits, boxes), or with
-    return_path the decoded latent after every Euler step."""
+    feats: the backbone's memory of x when already computed. start: 'noise' (the paper: z0 a seeded draw
+    of N(0, s0^2)) or 'mean' (z0 = 0, the noise's mean: a deterministic prediction); None: --z0-infer.
+    Returns (logits, boxes), or with return_path the decoded latent after every Euler step."""
     if args.method == "bp":
         return model(x)
     feats = model.backbone(x) if feats is None else feats
-    z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device) * getattr(args, "z0_std", 1.0)
+    start = start or getattr(args, "z0_infer", "noise")  # checkpoints from before --z0-infer: noise
+    scale = getattr(args, "z0_std", 1.0) if start == "noise" else 0.0
+    z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device) * scale
     velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
     if mode == "ensemble":
         return model.decode(core.ensemble(velocity, z0, model.T))
@@ -1038,24 +1046,30 @@ def predict(model, x, index, args, steps=None, return_path=False, mode="euler", 
 
 
 def evaluate(model, loader, args, device, num_classes):
-    """map50 / map50_area with the paper's Euler inference; fm also map50_ensemble (single steps averaged)."""
+    """map50 / map50_area with the paper's Euler inference from --z0-infer's start; fm also
+    map50_ensemble (single steps averaged) and the Euler map50 from the other start (map50_noise or
+    map50_mean)."""
     model.eval()
-    modes = ["euler"] + (["ensemble"] if args.method == "fm" else [])
+    chosen = getattr(args, "z0_infer", "noise")
+    other = {"noise": "mean", "mean": "noise"}[chosen]
+    modes = [("euler", chosen)] + ([("ensemble", chosen), ("euler", other)] if args.method == "fm" else [])
     dets, gts = {m: [] for m in modes}, []
     for x, targets, index in loader:
         sizes, x = [t["size"] for t in targets], x.to(device)
         with torch.no_grad(), core.autocast(device, args.amp):
-            feats = model.backbone(x) if args.method == "fm" else None  # once for both inference modes
-        for mode in modes:
+            feats = model.backbone(x) if args.method == "fm" else None  # once for every inference mode
+        for mode, start in modes:
             with core.autocast(device, args.amp):
-                logits, boxes = predict(model, x, index, args, mode=mode, feats=feats)
-            dets[mode] += postprocess(logits, boxes, sizes, args.score_thresh, args.nms)
+                logits, boxes = predict(model, x, index, args, mode=mode, feats=feats, start=start)
+            dets[mode, start] += postprocess(logits, boxes, sizes, args.score_thresh, args.nms)
         gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
     dets, gts = {m: core.all_gather(d) for m, d in dets.items()}, core.all_gather(gts)  # torchrun: every shard
-    out = {"map50": voc_eval(dets["euler"], gts, num_classes)["map"],
-           "map50_area": voc_eval(dets["euler"], gts, num_classes, use_07_metric=False)["map"]}
-    if "ensemble" in dets:
-        out["map50_ensemble"] = voc_eval(dets["ensemble"], gts, num_classes)["map"]
+    main = dets["euler", chosen]
+    out = {"map50": voc_eval(main, gts, num_classes)["map"],
+           "map50_area": voc_eval(main, gts, num_classes, use_07_metric=False)["map"]}
+    if args.method == "fm":
+        out["map50_ensemble"] = voc_eval(dets["ensemble", chosen], gts, num_classes)["map"]
+        out[f"map50_{other}"] = voc_eval(dets["euler", other], gts, num_classes)["map"]
     return out
 
 
@@ -1092,7 +1106,7 @@ def train_step(model, x, targets, blocks, args, device, forward=None, index=None
 
 def summary(record):
     return (f"loss {record['loss']:.4f} map50 {record['map50']:.4f} map50_area {record['map50_area']:.4f}"
-            + (f" map50_ensemble {record['map50_ensemble']:.4f}" if "map50_ensemble" in record else ""))
+            + "".join(f" {k} {record[k]:.4f}" for k in ("map50_ensemble", "map50_noise", "map50_mean") if k in record))
 
 
 def main(args):
