@@ -740,8 +740,25 @@ def test_detection_end_to_end_on_minivoc(tmp_path, extra):
     argv = SMALL_DET + extra + ["--data", data, "--out", str(tmp_path / "d.pt")]
     record = det.main(parse(det, argv))
     assert 0 <= record["map50"] <= 1 and 0 <= record["map50_area"] <= 1 and record["peak_step_bytes"] > 0
+    assert ("map50_noise" in record) == ("bp" not in extra)  # fm also logs Euler from the other start
     state = core.load_checkpoint(str(tmp_path / "d.pt"))
     assert state["script"] == "train_det_voc.py"
+
+
+def test_inference_from_the_noise_mean_starts_euler_at_zero():
+    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "2"])
+    assert args.z0_infer == "mean" and parse(det, ["--T", "2"]).z0_infer == "noise"  # VOC: the paper's noise
+    model = det.build_model(args, 3).eval()
+    x, index = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    with torch.no_grad():
+        feats = model.backbone(x)
+        velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
+        for start, z0 in (("mean", torch.zeros(2, 4, 32)), ("noise", core.noise_for(index, (4, 32), args.seed) * 0.1)):
+            logits, boxes = det.predict(model, x, index, args, start=start)
+            expected = model.decode(core.integrate(velocity, z0, 2))
+            torch.testing.assert_close(logits, expected[0])
+            torch.testing.assert_close(boxes, expected[1])
+    assert not torch.allclose(det.predict(model, x, index, args)[0], logits)  # the default here is the mean
 
 
 def test_detection_offline_without_weights_is_one_line(tmp_path, monkeypatch):
