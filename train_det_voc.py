@@ -47,9 +47,9 @@ In place of ImageNet weights the tiny trunk is pretrained once on digit classifi
 (the train digits only; pretrain_tiny, cached under --data; --no-pretrained for random init). fm
 on minivoc defaults to the best recipe measured (--coupling match --queries shared --predict refine
 --train-path euler --z0-std 0.1); VOC keeps the paper's (index, per-block queries, velocity,
-straight-line path, z0 std 1). Measured on a 2-core CPU, one core per job, seeds 0 / 1 / 2: fm map50
-0.567 / 0.580 / 0.549 in 12-14 min, --method bp 0.665 / 0.635 / 0.616 in 9 min (0.85x / 0.91x /
-0.89x; README.md).
+straight-line path, z0 std 1), and Euler from z0 = 0, the noise's mean (--z0-infer mean; VOC: a
+noise draw, the paper). Measured on a 2-core CPU, one core per job, seeds 0-4: fm map50 0.674-0.714
+in 13-14 min, --method bp 0.734-0.765 in 9 min, 0.91-0.94x per seed (README.md).
 """
 import argparse
 import math
