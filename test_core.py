@@ -1188,6 +1188,9 @@ def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, 
     jpg = os.path.join(base, "JPEGImages", "000002.jpg")
     open(jpg, "wb").write(open(jpg, "rb").read()[:200])
     case(det, SMALL_DET + ["--data", data, "--max-steps", "3", "--out", str(tmp_path / "d.pt")], "unreadable image", jpg)
+    case(det, SMALL_DET + ["--data", data, "--crop", "1.5", "--out", str(tmp_path / "d.pt")], "--crop", "1.5")
+    case(det, SMALL_DET + ["--data", data, "--method", "bp", "--box-query", "--out", str(tmp_path / "d.pt")],
+         "--box-query")
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "r18.pth")
     case(det, [a for a in SMALL_DET if a != "--no-pretrained"] + ["--data", data, "--weights", str(tmp_path / "r18.pth"),
                                                                  "--out", str(tmp_path / "d.pt")], "does not fit", "missing")

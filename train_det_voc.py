@@ -1064,9 +1064,9 @@ def evaluate(model, loader, args, device, num_classes):
             dets[mode, start] += postprocess(logits, boxes, sizes, args.score_thresh, args.nms)
         gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
     dets, gts = {m: core.all_gather(d) for m, d in dets.items()}, core.all_gather(gts)  # torchrun: every shard
-    main = dets["euler", chosen]
-    out = {"map50": voc_eval(main, gts, num_classes)["map"],
-           "map50_area": voc_eval(main, gts, num_classes, use_07_metric=False)["map"]}
+    euler = dets["euler", chosen]
+    out = {"map50": voc_eval(euler, gts, num_classes)["map"],
+           "map50_area": voc_eval(euler, gts, num_classes, use_07_metric=False)["map"]}
     if args.method == "fm":
         out["map50_ensemble"] = voc_eval(dets["ensemble", chosen], gts, num_classes)["map"]
         out[f"map50_{other}"] = voc_eval(dets["euler", other], gts, num_classes)["map"]
@@ -1121,6 +1121,8 @@ def main(args):
         sys.exit("error: --detach-layers trains each layer on its own auxiliary loss; drop --no-aux-loss")
     if args.method == "fm" and args.predict in ("skip", "refine") and args.z0_std <= 0:
         sys.exit(f"error: --predict {args.predict} needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
+    if not 0 <= args.crop <= 1:
+        sys.exit(f"error: --crop is the smallest side kept, a fraction of the image in [0, 1]; got {args.crop}")
     if args.box_query and args.method != "fm":
         sys.exit("error: --box-query sets fm's slot queries; bp's decoder learns its own")
     if args.box_embed != "linear" and args.method != "fm":
