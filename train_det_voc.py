@@ -48,8 +48,8 @@ In place of ImageNet weights the tiny trunk is pretrained once on digit classifi
 on minivoc defaults to the best recipe measured (--coupling match --queries shared --predict refine
 --train-path euler --z0-std 0.1); VOC keeps the paper's (index, per-block queries, velocity,
 straight-line path, z0 std 1), and Euler from z0 = 0, the noise's mean (--z0-infer mean; VOC: a
-noise draw, the paper). Measured on a 2-core CPU, one core per job, seeds 0-4: fm map50 0.674-0.714
-in 13-14 min, --method bp 0.734-0.765 in 9 min, 0.91-0.94x per seed (README.md).
+noise draw, the paper). Measured on a 2-core CPU, one core per job, seeds 0-5: fm map50 0.674-0.714
+in 12-14 min, --method bp 0.734-0.765 in 9 min, 0.91-0.94x per seed (README.md).
 """
 import argparse
 import math
