@@ -1036,8 +1036,10 @@ def predict(model, x, index, args, steps=None, return_path=False, mode="euler", 
         return model(x)
     feats = model.backbone(x) if feats is None else feats
     start = start or getattr(args, "z0_infer", "noise")  # checkpoints from before --z0-infer: noise
-    scale = getattr(args, "z0_std", 1.0) if start == "noise" else 0.0
-    z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device) * scale
+    if start == "noise":
+        z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device) * getattr(args, "z0_std", 1.0)
+    else:  # no draw to make
+        z0 = torch.zeros(len(x), args.slots, model.dim, device=x.device)
     velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
     if mode == "ensemble":
         return model.decode(core.ensemble(velocity, z0, model.T))
