@@ -110,6 +110,13 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=200, lr=1
     return {("top1" if k == 1 else f"top{k}"): h / len(test_y) for k, h in zip(ks, hits)}
 
 
+def flat_grad(module):
+    """All parameter gradients of `module` as one flat CPU vector, zeros for a parameter without one
+    (built on the parameter's own device, so CUDA gradients and the zeros concatenate)."""
+    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+                      for p in module.parameters()]).cpu()
+
+
 def grad_variance(grads):
     """Mean over parameters of the variance across mini-batches. grads: list of flat [P] tensors."""
     g = torch.stack(grads).double()
@@ -378,8 +385,7 @@ def mode_grad_variance(runs, args):
                 run.module.train_step(model, x.to(run.device), y if run.kind == "det" else y.to(run.device),
                                       list(range(T)), margs, run.device)
                 for k, block in enumerate(block_modules(model)):
-                    grads[k].append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
-                                               for p in block.parameters()]).cpu())
+                    grads[k].append(flat_grad(block))
             for k in range(T):
                 rows.append({"T": T, "method": method, "block": k + 1, "grad_var": grad_variance(grads[k])})
             first, last = rows[-T]["grad_var"], rows[-1]["grad_var"]
@@ -443,7 +449,7 @@ def mode_memory(args, extra, device):
                 argv.append("--no-pretrained")
             if module.__name__ == "finetune_vit" and "--weights" not in extra:
                 argv.append("--no-pretrained")
-            margs = module.apply_method_defaults(module.get_args_parser().parse_args(argv), argv)
+            margs = module.parse_args(argv)
             margs.amp = getattr(margs, "amp", False)
             x, y, classes = fake_batch(module, margs, args.mem_bs, device)
             params = inspect.signature(module.build_model).parameters

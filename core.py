@@ -324,7 +324,8 @@ class TimeEmbedding(nn.Module):
 
 class ResidualMLP(nn.Module):
     """in_dim -> hidden, `blocks` pre-LN residual blocks (LN, Linear, GELU, Dropout, Linear), LN -> out_dim.
-    The paper's 'deep residual MLP (hidden 1024, LayerNorm, Dropout)' of D.2."""
+    The paper's 'deep residual MLP (hidden 1024, LayerNorm, Dropout)' of D.2. blocks = 0 is D.2's
+    'lighter, single-hidden-layer MLP (with Dropout)': Linear, GELU, Dropout, Linear."""
 
     def __init__(self, in_dim, hidden, out_dim, blocks=2, dropout=0.1):
         super().__init__()
@@ -333,7 +334,8 @@ class ResidualMLP(nn.Module):
             nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
                           nn.Linear(hidden, hidden))
             for _ in range(blocks))
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out_dim))
+        self.out = (nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out_dim)) if blocks else
+                    nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)))
 
     def forward(self, x):
         h = self.inp(x)
@@ -606,10 +608,23 @@ def clip_and_step(optimizer, params, clip=1.0):
     return float(norm)
 
 
-def make_ema(model, decay):
-    """Weight EMA (paper: CNN 0.995) with torch's own AveragedModel; buffers (BN stats) averaged too."""
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+def make_ema(model, decay, buffers="avg"):
+    """Weight EMA (paper: CNN 0.995) with torch's AveragedModel and the usual warm-up of its decay:
+    update n uses min(decay, (1 + n) / (10 + n)), so a short run is not evaluated on weights that
+    still remember the random init (at 0.995 from the first step, 8 epochs of 62 steps leave
+    0.995^496 = 8% of the init in the average).
+    buffers: 'avg' averages the BatchNorm statistics like the weights; 'raw' keeps the trained
+    model's own statistics (AveragedModel's use_buffers=False copies them at every update)."""
+    @torch.no_grad()
+    def ema_warmup(averaged, current, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:  # integer buffers (BatchNorm's num_batches_tracked) come in their own group
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_warmup, use_buffers=buffers == "avg")
 
 
 def warmup_cosine(optimizer, warmup_steps, total_steps):
@@ -893,6 +908,8 @@ def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evalua
                 names = sorted(sums)
                 totals = all_sum([sums[n] for n in names] + [count])
                 metrics = evaluate(ema.module if ema is not None else model)
+                if ema is not None:  # the raw weights too, so a user sees when the average lags behind
+                    metrics.update({f"raw_{k}": v for k, v in evaluate(model).items()})
                 record = {"epoch": epoch + 1, **{n: v / totals[-1] for n, v in zip(names, totals)}, **metrics,
                           "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak,
                           "global_batch": args.bs * world}
@@ -939,10 +956,13 @@ def ensemble(velocity, z0, T):
 def integrate(velocity, z0, T, steps=None, method="euler", return_path=False, stop=None):
     """Solve dz/dt = v(z, t) from t = 0 to 1 with the piecewise field of eq. 24.
 
-    steps = T (default) with Euler is eq. 25: head k on step k. More steps assign heads by interval.
-    method: 'euler', 'heun' (2nd order, trapezoidal corrector) or 'midpoint'. A stage evaluated at
-    time s uses head_for_time(s); Heun's corrector at the end of an interval uses the same head as
-    the predictor so each step stays within one head. return_path: also the latent after each step.
+    steps = T (default) with Euler is eq. 25: head k on step k. Each step uses one head for all its
+    stages: the head owning the step's midpoint, head_for_time(t_i + dt / 2). With steps a multiple
+    of T that is the head whose interval contains the whole step; otherwise a step that straddles two
+    intervals goes to the head owning most of it (steps = 5, T = 3: heads 0, 0, 1, 2, 2).
+    method: 'euler', 'heun' (2nd order, trapezoidal corrector) or 'midpoint'; Heun's corrector at the
+    end of the step uses the predictor's head, so each step stays within one head.
+    return_path: also the latent after each step.
     stop: take only the first `stop` steps and return the state there (t = stop / steps), e.g. where
     inference hands the latent to head k (stop = k with steps = T).
     """
@@ -1043,19 +1063,28 @@ def evaluate_logits(model, loader, device, amp=False, ks=(1, 5)):
     return {("acc" if k == 1 else f"acc_top{k}"): h / n for k, h in zip(ks, hits)}
 
 
-def evaluate_classifier(model, loader, device, seed=0, amp=False):
+def evaluate_classifier(model, loader, device, seed=0, amp=False, ks=(1, 5)):
     """evaluate_flow for a FlowClassifier, evaluate_logits for a bp baseline."""
     if isinstance(model, FlowClassifier):
-        return evaluate_flow(model, loader, device, seed, amp)
-    return evaluate_logits(model, loader, device, amp)
+        return evaluate_flow(model, loader, device, seed, amp, ks)
+    return evaluate_logits(model, loader, device, amp, ks)
+
+
+def topk_for(num_classes):
+    """The top-k accuracies to log: top-1 and top-5, and top-10 from 100 classes on (Table 4 reports
+    TinyImageNet's top-5 and top-10, Tables 4-5 CIFAR-100's top-5)."""
+    return (1, 5, 10) if num_classes >= 100 else (1, 5)
 
 
 def classification_summary(record):
     """The per-epoch line of the classification scripts (fm when the record has acc_ensemble)."""
     if "acc_ensemble" not in record:
-        return f"loss {record['loss']:.4f} acc {record['acc']:.4f}"
-    return (f"loss {record['loss']:.4f} acc_ensemble {record['acc_ensemble']:.4f} single {record['acc_single']:.4f} "
-            f"multistep {record['acc_multistep']:.4f} probe {record['acc_probe']:.4f}")
+        line = f"loss {record['loss']:.4f} acc {record['acc']:.4f}"
+    else:
+        line = (f"loss {record['loss']:.4f} acc_ensemble {record['acc_ensemble']:.4f} single {record['acc_single']:.4f} "
+                f"multistep {record['acc_multistep']:.4f} probe {record['acc_probe']:.4f}")
+    raw = "raw_acc_ensemble" if "raw_acc_ensemble" in record else "raw_acc"
+    return line + (f" | raw weights {record[raw]:.4f}" if raw in record else "")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """DFM fine-tuning of a pretrained ViT with flow heads (paper Section 5.3, Table 2, D.2 "Pre-trained
 Fine-Tuning").
 
-Setup (paper defaults): timm vit_base_patch16_224 with ImageNet-1k weights, classification head
+Setup (paper defaults): timm vit_base_patch16_224.augreg_in1k (ImageNet-1k only; timm's bare
+vit_base_patch16_224 resolves to augreg2_in21k_ft_in1k, pretrained on ImageNet-21k, so the tag is
+explicit; the run prints and the checkpoint stores the weights it loaded), classification head
 removed; its unpooled output token sequence (class token + patches, after the final norm) feeds
 T = 4 independent token flow heads (core.TokenFlowHead: one transformer block each, so the 4 heads
 match the bp baseline's 4 encoder layers in capacity). Loss per head: flow-matching MSE + CE on the
@@ -55,8 +57,9 @@ DIGITS_SCRATCH = dict(img_size=16, patch=4, depth=4)
 NUM_CLASSES_HINT = {"cifar10": 10, "cifar100": 100, "imagenet-r": 200, "digits": 10}
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser("DFM fine-tuning of a pretrained ViT", add_help=True)
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser("DFM fine-tuning of a pretrained ViT", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--dataset", default="cifar100", choices=list(SETUPS), help="dataset (digits: offline)")
     p.add_argument("--data", default="data", help="dataset root (ImageNet-R: DIR/imagenet-r/<class>/*.jpg)")
@@ -67,15 +70,17 @@ def get_args_parser():
     p.add_argument("--T", type=int, default=4, help="flow heads (bp: encoder layers)")
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
-    p.add_argument("--t-dist", default=None, choices=["uniform", "early", "zero"],
-                   help="t in training: U[0,1] (paper), u^2 (more weight near t=0) or 0; default: the setup's")
-    p.add_argument("--lam", type=float, default=None, help="weight of the CE on the t = 1 estimate (paper 1)")
+    p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
+                   help="t in training: U[0,1] (paper), u^2 (more weight near t=0) or 0")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the CE on the t = 1 estimate (paper 1)")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE reduction over latent dims")
     p.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
     # model and weights
-    p.add_argument("--model", default="vit_base_patch16_224", help="any timm ViT")
+    p.add_argument("--model", default="vit_base_patch16_224.augreg_in1k",
+                   help="any timm ViT, with its pretrained tag (default: ImageNet-1k only, as D.2; timm's bare "
+                        "vit_base_patch16_224 resolves to ImageNet-21k pretraining, augreg2_in21k_ft_in1k)")
     p.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
-                   help="timm's ImageNet weights, downloaded when online (default)")
+                   help="timm's pretrained weights for --model, downloaded when online")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init")
     p.add_argument("--weights", default=None, help="local .safetensors or .pth state dict of the backbone")
     p.add_argument("--img-size", type=int, default=None, help="input size (random init or --weights; else the model's)")
@@ -86,12 +91,12 @@ def get_args_parser():
     p.add_argument("--feat-norm", default="none", choices=["none", "batch"],
                    help="batch: standardise the token features per channel (BatchNorm, no affine) before the heads")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the dataset's setup)")
-    p.add_argument("--bs", type=int, default=None, help="batch size (default: the dataset's setup)")
-    p.add_argument("--lr", type=float, default=None, help="lr of heads / bp layers (paper 1e-4; ImageNet-R 1e-3)")
-    p.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (1e-6; heads' lr if random init)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (paper: CIFAR-10 20, CIFAR-100 10, ImageNet-R 50)")
+    p.add_argument("--bs", type=int, default=32, help="batch size (paper: CIFAR 32, ImageNet-R 64)")
+    p.add_argument("--lr", type=float, default=1e-4, help="lr of heads / bp layers (paper 1e-4; ImageNet-R 1e-3)")
+    p.add_argument("--lr-backbone", type=float, default=1e-6, help="backbone lr (paper 1e-6; heads' lr if random init)")
     p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--warmup", type=int, default=None, help="linear warmup epochs before cosine (paper: none)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup epochs before cosine (paper: none)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     # run
@@ -103,18 +108,23 @@ def get_args_parser():
     return p
 
 
-def apply_method_defaults(args, argv):
-    """Dataset setup for flags left at None; backbone lr 1e-6, or the heads' lr from random init."""
-    for key, value in SETUPS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.dataset == "digits" and not args.pretrained and not args.weights:
-        for key, value in DIGITS_SCRATCH.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-    if args.lr_backbone is None:
-        args.lr_backbone = 1e-6 if (args.pretrained or args.weights) else args.lr
-    return args
+def parse_args(argv=None):
+    """Flags, with the --dataset setup as real argparse defaults: a first pass reads --dataset and the
+    weights flags (abbreviations included), set_defaults applies the setup (digits from random init:
+    its small ViT), a second pass reads --lr, and the backbone lr defaults to 1e-6 with pretrained
+    weights or to the heads' lr from random init. A flag the user typed always wins; --help shows
+    what the run will use."""
+    first, _ = get_args_parser(add_help=False).parse_known_args(argv)
+    defaults = dict(SETUPS[first.dataset])
+    scratch = not (first.pretrained or first.weights)
+    if first.dataset == "digits" and scratch:
+        defaults.update(DIGITS_SCRATCH)
+    second = get_args_parser(add_help=False)
+    second.set_defaults(**defaults)
+    lr = second.parse_known_args(argv)[0].lr
+    parser = get_args_parser()
+    parser.set_defaults(**defaults, lr_backbone=lr if scratch else 1e-6)
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,9 +179,12 @@ class ViTBackbone(nn.Module):
                 raise WeightsError(f"{weights} does not fit {name}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
                                    f"wrong shape {shapes[:4]}")
             self.vit.load_state_dict(state)
+        cfg = self.vit.pretrained_cfg or {}
+        # what the weights are, for the log: timm's architecture.tag, the file, or random init
+        self.source = (f"timm {cfg.get('architecture', name)}.{cfg.get('tag')}" if download else
+                       f"file {weights}" if weights else "random init")
         self.dim = self.vit.embed_dim
         self.heads_hint = self.vit.blocks[0].attn.num_heads
-        cfg = self.vit.pretrained_cfg or {}
         self.mean, self.std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
         self.img_size = self.vit.patch_embed.img_size[0]
         self.feat_norm = nn.BatchNorm1d(self.dim, affine=False) if feat_norm == "batch" else None
@@ -237,6 +250,8 @@ def train_step(model, x, y, heads, args, device, forward=None, index=None, noise
 
 def main(args):
     device = core.init_distributed(args.device)
+    if core.is_main():
+        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     core.seed_everything(args.seed)
     core.check_flags(args)
     try:
@@ -260,16 +275,15 @@ def main(args):
     steps = core.steps_per_epoch(train_set, args)
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
     if core.is_main():
-        print(f"{args.method} fine-tuning {args.model} on {args.dataset}: T={args.T} mode={args.mode} "
+        print(f"{args.method} fine-tuning {args.model} ({model.backbone.source}) on {args.dataset}: T={args.T} mode={args.mode} "
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
     arch = ("method", "model", "T", "dataset", "img_size", "patch", "depth", "feat_norm", "no_guard")
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
-                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp),
+                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp, core.topk_for(num_classes)),
                     lambda r: core.classification_summary(r) + f" peak step memory {r['peak_step_bytes'] / 2**20:.1f} MiB",
-                    extra_state={"num_classes": num_classes})
+                    extra_state={"num_classes": num_classes, "weights": model.backbone.source})
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    main(apply_method_defaults(get_args_parser().parse_args(argv), argv))
+    main(parse_args())

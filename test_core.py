@@ -251,7 +251,7 @@ SMALL_VIT = ["--dataset", "digits", "--dim", "32", "--depth", "1", "--heads", "2
 
 
 def parse(module, argv):
-    return module.apply_method_defaults(module.get_args_parser().parse_args(argv), argv)
+    return module.parse_args(argv)
 
 
 def test_sequential_schedule_changes_only_head_k_and_shared_parts():
@@ -679,7 +679,7 @@ def test_minivoc_is_real_voc_format_and_flip_moves_boxes(tmp_path):
     h, w = target["size"].tolist()
     raw = target["boxes"][0]  # 1-based inclusive xyxy
     cx = target["boxes_norm"][0, 0] * w
-    assert cx == pytest.approx(w - ((raw[0] - 1) + raw[2]) / 2, abs=1e-3)
+    assert float(cx) == pytest.approx(w - (float(raw[0]) - 1 + float(raw[2])) / 2, abs=1e-3)
 
 
 def test_crop_keeps_every_box_whole_and_moves_it_with_the_image():
@@ -1209,3 +1209,179 @@ def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, 
     case(train_cls_cnn, cnn + ["--bs", "0"], "--bs must be at least 1")
     case(det, SMALL_DET + ["--train-path", "euler", "--t-dist", "zero", "--out", out], "do not apply")
     print("\n".join(cases))  # pytest -s shows the messages (quoted in the README)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14: trustworthy runs at the paper's settings (EMA, flags, every Appendix D setup, D.1 loss)
+# ------------------------------------------------------------------------------------------------
+def test_ema_warms_up_its_decay_and_can_keep_the_trained_batchnorm_statistics():
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    for buffers in ("avg", "raw"):
+        with torch.no_grad():
+            net[0].weight.fill_(0.0)
+        ema = core.make_ema(net, 0.995, buffers)
+        expected = 0.0
+        for n in range(1, 30):  # update n (after the first, a copy) uses min(0.995, n / (9 + n))
+            with torch.no_grad():
+                net[0].weight.fill_(float(n))
+                net[1].running_mean.fill_(float(n))
+            ema.update_parameters(net)
+            expected = float(n) if n == 1 else expected + (1 - min(0.995, n / (9 + n))) * (n - expected)
+            assert float(ema.module[0].weight.detach()) == pytest.approx(expected, rel=1e-5)
+        # without the warm-up the average would still sit near the first value: 1 + ~14% of the way
+        assert expected > 20
+        mean = float(ema.module[1].running_mean)
+        assert mean == pytest.approx(29.0) if buffers == "raw" else mean == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_run_with_ema_logs_the_raw_weights_too(tmp_path):
+    record, out = run_script(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "3"], tmp_path)
+    assert {"raw_acc_ensemble", "raw_acc_probe", "raw_acc_multistep"} <= set(record)
+    record, _ = run_script(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "3", "--ema", "0"], tmp_path, "b.pt")
+    assert not any(k.startswith("raw_") for k in record)  # no EMA: the logged model is the raw one
+
+
+def test_pooled_features_are_standardised_over_the_batch():
+    backbone = train_cls_cnn.ConvBackbone(1, [4, 8, 16])
+    feats = [f.detach() for f in backbone(torch.rand(32, 1, 28, 28))]
+    for f in feats:
+        assert f.mean(0).abs().max() < 1e-4 and (f.var(0, unbiased=False) - 1).abs().max() < 0.05  # eps of BN
+    plain = train_cls_cnn.ConvBackbone(1, [4, 8, 16], "none")(torch.rand(32, 1, 28, 28))[-1].detach()
+    assert (plain >= 0).all() and plain.std(0).mean() < plain.mean()  # the shared offset batch-norm removes
+
+
+def test_single_hidden_layer_head_is_nonlinear():
+    torch.manual_seed(0)
+    mlp = core.ResidualMLP(6, 32, 4, blocks=0, dropout=0.0)
+    a, b = torch.randn(8, 6), torch.randn(8, 6)
+    assert not torch.allclose(mlp(a) + mlp(b), mlp(a + b) + mlp(torch.zeros(8, 6)), atol=1e-3)
+
+
+@pytest.mark.parametrize("module,argv,name,value", [
+    (train_cls_cnn, ["--dataset", "digits", "--method", "bp", "--epoch", "5"], "epochs", 5),
+    (train_cls_cnn, ["--dataset", "digits", "--method", "bp"], "epochs", 60),
+    (train_cls_cnn, ["--dataset", "digits"], "epochs", 30),
+    (train_cls_cnn, ["--dataset", "cifar100", "--topology", "sequential"], "head_blocks", 0),
+    (train_cls_cnn, ["--dataset", "cifar100", "--topology", "sequential", "--head-blocks", "2"], "head_blocks", 2),
+    (train_cls_cnn, ["--dataset", "cifar100"], "erasing", 0.25),
+    (train_cls_vit, ["--dataset", "tinyimagenet", "--meth", "bp", "--ep", "7"], "epochs", 7),
+    (train_cls_vit, ["--dataset", "tinyimagenet"], "heads", 6),
+    (finetune_vit, ["--dataset", "digits", "--no-pretrained", "--lr", "3e-3"], "lr_backbone", 3e-3),
+    (finetune_vit, ["--dataset", "cifar10"], "model", "vit_base_patch16_224.augreg_in1k"),
+    (det, ["--method", "bp", "--mod", "sequential"], "mode", "sequential"),
+    (det, ["--method", "bp"], "mode", "parallel"),
+    (det, ["--dataset", "minivoc", "--lr", "1e-3"], "lr_backbone", 1e-3),
+])
+def test_a_flag_the_user_gave_is_never_replaced_by_a_setup_default(module, argv, name, value):
+    assert getattr(module.parse_args(argv), name) == value
+
+
+def test_help_shows_the_defaults_of_the_dataset_and_method_given(capsys):
+    with pytest.raises(SystemExit):
+        train_cls_cnn.parse_args(["--dataset", "digits", "--method", "bp", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bp 60) (default: 60)" in text and "(default: 32,64,128)" in text and "default: None" not in text
+
+
+# every dataset setup of every script at the paper's sizes: (module, dataset, extra flags, classes)
+PAPER_SETUPS = [(train_cls_cnn, d, [], c) for d, c in (("cifar10", 10), ("cifar100", 100), ("mnist", 10),
+                                                          ("tinyimagenet", 200))]
+PAPER_SETUPS += [(train_cls_cnn, "cifar100", ["--topology", "sequential", "--mode", "sequential"], 100)]
+PAPER_SETUPS += [(train_cls_vit, d, [], c) for d, c in (("cifar10", 10), ("cifar100", 100), ("mnist", 10),
+                                                          ("tinyimagenet", 200))]
+PAPER_SETUPS += [(finetune_vit, d, ["--no-pretrained"], c) for d, c in (("cifar10", 10), ("imagenet-r", 200))]
+
+
+@pytest.mark.parametrize("method", ["fm", "bp"])
+@pytest.mark.parametrize("module,dataset,extra,classes", PAPER_SETUPS,
+                         ids=[f"{m.__name__}-{d}{'-seq' if e and e[0] == '--topology' else ''}"
+                              for m, d, e, _ in PAPER_SETUPS])
+def test_every_paper_setup_builds_trains_and_evaluates(module, dataset, extra, classes, method):
+    args = module.parse_args(["--dataset", dataset, "--method", method] + extra)
+    torch.manual_seed(0)
+    in_ch = 1 if dataset == "mnist" else 3
+    model = module.build_model(args, classes, in_ch) if module is not finetune_vit else module.build_model(args, classes)
+    size = args.img_size or model.backbone.img_size
+    x, y, index = torch.randn(2, in_ch, size, size), torch.tensor([0, classes - 1]), torch.arange(2)
+    heads = [0] if args.mode == "sequential" else list(range(args.T))
+    losses = module.train_step(model, x, y, heads, args, torch.device("cpu"), None, index, (0, 0, 0))
+    assert np.isfinite(losses["loss"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    metrics = core.evaluate_classifier(model, [(x, y, index)], torch.device("cpu"), 0, False, core.topk_for(classes))
+    top1 = metrics["acc_ensemble" if method == "fm" else "acc"]
+    assert 0 <= top1 <= 1 and (f"acc{'_ensemble' if method == 'fm' else ''}_top10" in metrics) == (classes >= 100)
+    if module is train_cls_vit and dataset == "tinyimagenet":
+        assert (args.dim, args.depth, args.heads, args.T) == (240, 7, 6, 7)  # ViT[240 6 7]: d, heads, depth
+    if module is train_cls_cnn and method == "fm":
+        assert (args.channels, args.dim, args.hidden) == ("96,384,1536", 512, 1024)
+
+
+@pytest.mark.parametrize("method", ["fm", "bp"])
+def test_voc_paper_setup_builds_trains_and_evaluates(method):
+    args = det.parse_args(["--method", method, "--no-pretrained"])
+    assert (args.backbone, args.img_size, args.slots) == ("resnet50", 256, 20)
+    torch.manual_seed(0)
+    model = det.build_model(args, len(det.VOC_CLASSES))
+    x = torch.randn(2, 3, 256, 256)
+    targets = [{"labels": torch.tensor([3, 14]), "boxes_norm": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.1, 0.2]]),
+                "boxes": torch.tensor([[77.0, 90.0, 180.0, 167.0], [26.0, 52.0, 52.0, 103.0]]),
+                "difficult": torch.tensor([False, False]), "size": torch.tensor([256, 256])},
+               {"labels": torch.tensor([0]), "boxes_norm": torch.tensor([[0.6, 0.6, 0.5, 0.5]]),
+                "boxes": torch.tensor([[90.0, 90.0, 218.0, 218.0]]), "difficult": torch.tensor([False]),
+                "size": torch.tensor([256, 256])}]
+    blocks = [0] if args.mode == "sequential" else list(range(args.T))
+    losses = det.train_step(model, x, targets, blocks, args, torch.device("cpu"), None, torch.arange(2), (0, 0, 0))
+    assert np.isfinite(losses["loss"])
+    metrics = det.evaluate(model, [(x, targets, torch.arange(2))], args, torch.device("cpu"), len(det.VOC_CLASSES))
+    assert 0 <= metrics["map50"] <= 1
+
+
+def detr_loss_reference(logits, boxes, targets, num_classes):
+    """An independent, loop-by-loop DETR SetCriterion (labels, boxes): Hungarian matching with costs
+    class 1 / L1 5 / GIoU 2, weighted CE (no-object 0.1), L1 and GIoU summed over matched pairs and
+    divided by the number of target boxes in the batch."""
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import box_convert, generalized_box_iou
+    ce_num, ce_den, l1, giou = 0.0, 0.0, 0.0, 0.0
+    n_boxes = max(sum(len(t["labels"]) for t in targets), 1)
+    for b, t in enumerate(targets):
+        prob = logits[b].softmax(-1)
+        xyxy = lambda z: box_convert(z, "cxcywh", "xyxy")  # noqa: E731
+        cost = (-prob[:, t["labels"]] + 5 * torch.cdist(boxes[b], t["boxes_norm"], p=1)
+                - 2 * generalized_box_iou(xyxy(boxes[b]), xyxy(t["boxes_norm"])))
+        rows, cols = linear_sum_assignment(cost.detach().numpy())
+        target = {int(r): int(c) for r, c in zip(rows, cols)}
+        for slot in range(logits.shape[1]):
+            label = int(t["labels"][target[slot]]) if slot in target else num_classes
+            w = 1.0 if label < num_classes else 0.1
+            ce_num += w * float(-logits[b, slot].log_softmax(-1)[label])
+            ce_den += w
+            if slot in target:
+                src, tgt = boxes[b, slot], t["boxes_norm"][target[slot]]
+                l1 += float((src - tgt).abs().sum())
+                giou += float(1 - generalized_box_iou(xyxy(src[None]), xyxy(tgt[None]))[0, 0])
+    return ce_num / ce_den + 5 * l1 / n_boxes + 2 * giou / n_boxes
+
+
+def test_detection_loss_equals_detr_including_images_with_more_objects_than_slots():
+    g = torch.Generator().manual_seed(0)
+    slots, classes = 3, 4
+    logits = torch.randn(2, slots, classes + 1, generator=g)
+    boxes = torch.rand(2, slots, 4, generator=g) * 0.4 + 0.2
+    targets = [{"labels": torch.tensor([0, 2, 3, 1, 2]), "boxes_norm": torch.rand(5, 4, generator=g) * 0.4 + 0.2},
+               {"labels": torch.tensor([1]), "boxes_norm": torch.rand(1, 4, generator=g) * 0.4 + 0.2}]
+    ours = float(det.detection_loss(logits, boxes, targets, classes))
+    assert ours == pytest.approx(detr_loss_reference(logits, boxes, targets, classes), rel=1e-5)
+
+
+def test_integrate_gives_each_step_the_head_owning_its_midpoint():
+    used = []
+    core.integrate(lambda k, z, t: used.append(k) or torch.zeros_like(z), torch.zeros(1, 2), 3, steps=5)
+    assert used == [0, 0, 1, 2, 2]
+
+
+def test_flat_grad_puts_the_zeros_of_a_parameter_without_gradient_beside_the_others():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    net[1](torch.ones(1, 3)).sum().backward()
+    flat = analyze.flat_grad(net)
+    assert flat.shape == (13,) and flat[:9].abs().sum() == 0 and flat[9:].abs().sum() > 0

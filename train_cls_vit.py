@@ -3,7 +3,9 @@
 Setups (paper defaults, picked by --dataset; every number can be overridden by its flag):
   cifar10       ViT[dim 128, depth 5, heads 4], patch 4, T = 5, 50 epochs, batch 128, random crop + flip
   cifar100      ViT[192, 6, 6], patch 4, T = 6, 300 epochs, batch 512, AutoAugment + RandomErasing 0.25
-  tinyimagenet  ViT[240, 6, 7], 64x64 input, 8x8 conv stem, T = 7, 1500 epochs, batch 256,
+  tinyimagenet  ViT[dim 240, depth 7, heads 6] (the paper writes ViT[240 6 7] as [d, heads, depth],
+                as for "ViT[128 4 5]: d = 128, depth 5, 4 heads"), 64x64 input, 8x8 conv stem, T = 7
+                (T = depth, as in the other setups), 1500 epochs, batch 256,
                 AutoAugment + RandomErasing 0.25 + rotation 20 degrees
   mnist         the cifar10 setup on 28x28 grey images (patch 4)
   digits        not a paper setup: a small ViT[64, 2, 4] with a conv stem on the offline digits
@@ -11,8 +13,16 @@ Setups (paper defaults, picked by --dataset; every number can be overridden by i
                 the plain linear patch projection it learned far slower, see README)
 AdamW lr 5e-4, wd 1e-4, 5-epoch warmup then cosine, gradient clipping 1.0, no EMA. No class token
 and no global pooling: the backbone's unpooled token sequence is the memory every flow head reads.
-Each flow head is a token head (core.TokenFlowHead: the latent z_t + e_t as a query token through one
-transformer block over [query; tokens]); --head mlp uses residual-MLP heads on mean-pooled tokens.
+TinyImageNet and CIFAR-100 are normalised with their own statistics (TinyImageNet: ImageNet's), and
+from 100 classes on the log has top-5 and top-10 (Table 4).
+
+Departure from D.2, the flow heads: D.2 describes residual-MLP predictors (hidden 1024, LayerNorm,
+dropout) on [z_t, t_emb, f(x)] with global pooling omitted. The default here is a token head
+(core.TokenFlowHead: z_t + e_t as a query token through one transformer block over [query; tokens]):
+it reads the unpooled sequence by attention, and one head is exactly one encoder layer, what the bp
+baseline stacks T times, so the comparison is at equal capacity. --head flat is D.2's literal
+reading (the residual MLP on the flattened token sequence), --head mlp the residual MLP on
+mean-pooled tokens. Measured on digits in README.md ("ViT heads").
 
 --method bp: the paper's baseline: the same ViT, then T stacked transformer blocks of the heads' size,
 mean pooling and a linear classifier, trained end to end (60 epochs, batch 128, lr 5e-4, wd 0.01).
@@ -31,37 +41,43 @@ from torchvision.transforms import v2
 
 import core
 
-# --method bp overrides these defaults when the flag is not given (paper D.2)
+# --method bp: the baseline's own D.2 defaults, over the dataset's setup
 BP_DEFAULTS = {"epochs": 60, "bs": 128, "lr": 5e-4, "wd": 0.01, "warmup": 0}
-# paper setups (D.2) per dataset: flags left at None take these
+# paper setups (D.2) per dataset, applied as argparse defaults by parse_args
 SETUPS = {
     "cifar10": dict(dim=128, depth=5, heads=4, T=5, patch=4, img_size=32, epochs=50, bs=128, stem="patch"),
     "cifar100": dict(dim=192, depth=6, heads=6, T=6, patch=4, img_size=32, epochs=300, bs=512, stem="patch"),
-    "tinyimagenet": dict(dim=240, depth=6, heads=7, T=7, patch=8, img_size=64, epochs=1500, bs=256, stem="conv"),
+    "tinyimagenet": dict(dim=240, depth=7, heads=6, T=7, patch=8, img_size=64, epochs=1500, bs=256, stem="conv"),
     "mnist": dict(dim=128, depth=5, heads=4, T=5, patch=4, img_size=28, epochs=50, bs=128, stem="patch"),
     "digits": dict(dim=64, depth=2, heads=4, T=3, patch=4, img_size=16, epochs=40, bs=64, stem="conv", lr=2e-3,
                    warmup=2),
 }
+# normalisation statistics; TinyImageNet is an ImageNet subset and uses ImageNet's
+STATS = {"mnist": ([0.5], [0.5]), "cifar10": ([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]),
+         "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+         "tinyimagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
 for setup in SETUPS.values():  # paper D.2 optimiser defaults
     setup.setdefault("lr", 5e-4)
     setup.setdefault("warmup", 5)
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser("DFM CNN classification from scratch", add_help=True)
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser("DFM ViT classification from scratch", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "mnist", "tinyimagenet", "digits"],
                    help="dataset; digits is scikit-learn's offline handwritten digits")
     p.add_argument("--data", default="data", help="dataset root folder (downloaded there when online)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the setup's)")
+    p.add_argument("--img-size", type=int, default=32, help="input size")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (0 for digits)")
     # method
     p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the backprop baseline")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
                    help="schedule: every batch trains all heads, or Algorithm 1 (a full pass per head)")
-    p.add_argument("--T", type=int, default=None, help="number of flow heads (bp: stacked blocks); default: setup")
-    p.add_argument("--head", default="token", choices=["token", "mlp"],
-                   help="token head over the unpooled sequence, or residual MLP on mean-pooled tokens")
+    p.add_argument("--T", type=int, default=5, help="number of flow heads (bp: stacked blocks)")
+    p.add_argument("--head", default="token", choices=["token", "mlp", "flat"],
+                   help="token head (one transformer block, the latent as a query token) over the unpooled sequence; "
+                        "residual MLP on mean-pooled tokens; or residual MLP on the flattened tokens (D.2's wording)")
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
@@ -71,21 +87,24 @@ def get_args_parser():
                    help="flow MSE averaged over latent dims (A.1.1 'MSE') or summed (||.||^2 of Alg. 1)")
     p.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
     # model size (default: the dataset's setup)
-    p.add_argument("--dim", type=int, default=None, help="ViT width = latent dimension d")
-    p.add_argument("--depth", type=int, default=None, help="ViT depth")
-    p.add_argument("--heads", type=int, default=None, help="attention heads")
-    p.add_argument("--patch", type=int, default=None, help="patch size")
-    p.add_argument("--stem", default=None, choices=["patch", "conv"], help="linear patch projection or conv stem")
-    p.add_argument("--hidden", type=int, default=1024, help="hidden width of --head mlp")
-    p.add_argument("--head-blocks", type=int, default=2, help="residual blocks of --head mlp")
+    p.add_argument("--dim", type=int, default=128, help="ViT width = latent dimension d")
+    p.add_argument("--depth", type=int, default=5, help="ViT depth")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--patch", type=int, default=4, help="patch size")
+    p.add_argument("--stem", default="patch", choices=["patch", "conv"], help="linear patch projection or conv stem")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden width of --head mlp / flat")
+    p.add_argument("--head-blocks", type=int, default=2, help="residual blocks of --head mlp / flat")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the heads")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: setup; bp 60)")
-    p.add_argument("--bs", type=int, default=None, help="batch size (default: setup; bp 128)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper 5e-4)")
+    p.add_argument("--epochs", type=int, default=50, help="epochs (bp 60)")
+    p.add_argument("--bs", type=int, default=128, help="batch size (bp 128)")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (paper 5e-4)")
     p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay (bp default 0.01)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warmup epochs before cosine (paper 5; bp 0)")
-    p.add_argument("--ema", type=float, default=0.0, help="weight EMA decay, 0 to disable (paper: none for ViT)")
+    p.add_argument("--warmup", type=int, default=5, help="linear warmup epochs before cosine (paper 5; bp 0)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="weight EMA decay with warm-up min(decay, (1+n)/(10+n)), 0 to disable (paper: none for ViT)")
+    p.add_argument("--ema-bn", default="avg", choices=["avg", "raw"],
+                   help="EMA model's BatchNorm statistics (conv stem): averaged like the weights, or the trained model's")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     # run
@@ -97,17 +116,14 @@ def get_args_parser():
     return p
 
 
-def apply_method_defaults(args, argv):
-    """Fill the dataset's setup, then bp's own D.2 defaults; a flag given on the command line wins."""
-    for key, value in SETUPS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.method == "bp":
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-        for key, value in BP_DEFAULTS.items():
-            if key not in given:
-                setattr(args, key, value)
-    return args
+def parse_args(argv=None):
+    """Flags, with the --dataset setup and then bp's defaults as real argparse defaults: a first pass
+    reads --dataset and --method (abbreviations included), set_defaults applies their setup, and the
+    second pass parses. A flag the user typed always wins; --help shows what the run will use."""
+    first, _ = get_args_parser(add_help=False).parse_known_args(argv)
+    parser = get_args_parser()
+    parser.set_defaults(**dict(SETUPS[first.dataset], **(BP_DEFAULTS if first.method == "bp" else {})))
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +136,7 @@ def build_data(args):
                                v2.Normalize([0.5], [0.5])])
         test_tf = v2.Compose([v2.Resize(size, antialias=True), v2.Normalize([0.5], [0.5])])
     else:
-        gray = args.dataset == "mnist"
-        mean, std = ([0.5], [0.5]) if gray else ([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261])
+        mean, std = STATS[args.dataset]
         to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         aug = {"mnist": [],
                "cifar10": [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()],
@@ -190,6 +205,14 @@ class PooledMLPHead(core.MLPFlowHead):
         return super().forward(z, tokens.mean(1), t)
 
 
+class FlatMLPHead(core.MLPFlowHead):
+    """--head flat: the residual-MLP head on the flattened token sequence [B, N * D] (D.2's literal
+    reading: predictors on [z_t, t_emb, f(x)] with global pooling omitted)."""
+
+    def forward(self, z, tokens, t):
+        return super().forward(z, tokens.flatten(1), t)
+
+
 def build_model(args, num_classes, in_ch):
     """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
     backbone = ViTBackbone(args.img_size, args.patch, in_ch, args.dim, args.depth, args.heads, args.stem)
@@ -197,8 +220,12 @@ def build_model(args, num_classes, in_ch):
         return BPClassifier(backbone, num_classes, args.dim, args.heads, args.T)
     if args.head == "token":
         heads = [core.TokenFlowHead(args.dim, args.dim, args.heads, dropout=args.dropout) for _ in range(args.T)]
-    else:
+    elif args.head == "mlp":
         heads = [PooledMLPHead(args.dim, args.dim, args.hidden, args.head_blocks, args.dropout) for _ in range(args.T)]
+    else:
+        tokens = (args.img_size // args.patch) ** 2
+        heads = [FlatMLPHead(tokens * args.dim, args.dim, args.hidden, args.head_blocks, args.dropout)
+                 for _ in range(args.T)]
     return core.FlowClassifier(backbone, heads, num_classes, args.dim, None, args.dim, guard=not args.no_guard)
 
 
@@ -213,6 +240,8 @@ def train_step(model, x, y, heads, args, device, forward=None, index=None, noise
 
 def main(args):
     device = core.init_distributed(args.device)
+    if core.is_main():
+        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     core.seed_everything(args.seed)
     core.check_flags(args)
     try:
@@ -227,7 +256,7 @@ def main(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     steps = core.steps_per_epoch(train_set, args)
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
-    ema = core.make_ema(model, args.ema) if args.ema > 0 else None
+    ema = core.make_ema(model, args.ema, args.ema_bn) if args.ema > 0 else None
     if core.is_main():
         print(f"{args.method} on {args.dataset}: ViT[{args.dim} {args.depth} {args.heads}] T={args.T} mode={args.mode} "
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
@@ -235,11 +264,10 @@ def main(args):
             "img_size", "no_guard")
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
-                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp),
+                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp, core.topk_for(num_classes)),
                     core.classification_summary, ema=ema,
                     extra_state={"num_classes": num_classes, "in_ch": in_ch})
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    main(apply_method_defaults(get_args_parser().parse_args(argv), argv))
+    main(parse_args())

@@ -13,6 +13,11 @@ and 1e-5 (backbone), both x0.1 at epoch 20, clipping 1.0. Inference: Euler over 
 drop no-object, scores >= 0.05, per-class NMS, boxes in original pixels; mAP@0.5 with the VOC07
 11-point devkit rules (`voc_eval`).
 
+Departures from D.1 on VOC, each with the flag that gives the paper's reading: the collapse guard is
+on (the flow MSE sees W_class, W_box through a stop-gradient; the paper trains them on the total
+loss: --no-guard); a horizontal flip with probability 0.5 in training (not in D.1: --hflip 0); each
+block adds its own learnable slot embedding to z_t (D.1 describes none: --queries none).
+
 --method bp: the paper's baseline: the same backbone and a 4-layer DETR-style decoder (learned
 queries) of the same width, trained end to end with the same matching loss, applied after every
 decoder layer as in DETR (auxiliary losses; --no-aux-loss for the last layer only).
@@ -33,8 +38,10 @@ slots instead of a fresh Hungarian match), --box-embed sine, --box-query (each s
 sine code of the centre its running estimate decodes to), --t-dist, --z0-std, --flow-weight;
 for bp, --detach-layers (greedy layer-wise training).
 
-Images with more than M objects: the first M in annotation order are kept as targets (a message
-counts them once per run); evaluation always uses every ground-truth box.
+Images with more than M objects: the flow targets z1 (and --assign coupling's slot targets) keep
+the first M in annotation order (a message counts such images once per run); the Hungarian loss
+matches the M slots among all of the image's objects, and L1 / GIoU are divided by every box of
+the batch, as DETR's. Evaluation always uses every ground-truth box.
 
 Offline quickstart (minivoc: real scikit-learn digits pasted onto cluttered canvases, written in the
 real VOC on-disk format under --data and read by the same loader as VOC 2007):
@@ -75,11 +82,11 @@ VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # input normalisation (D.1)
-BP_DEFAULTS = {}  # the paper trains bp with the same D.1 settings
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser("DFM object detection on PASCAL VOC", add_help=True)
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser("DFM object detection on PASCAL VOC", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--dataset", default="voc2007", choices=["voc2007", "minivoc"],
                    help="VOC 2007 (trainval / test), or the offline digits-on-canvas set in VOC format")
@@ -117,9 +124,9 @@ def get_args_parser():
                         "i.e. it is ||z1_hat - z1||^2; skip: the endpoint as c_skip(t) z_t + f, the best linear "
                         "guess of z1 from z_t (EDM's c_skip) plus the block's correction; refine: the same, and the "
                         "block also reads that guess instead of z_t")
-    p.add_argument("--queries", default=None, choices=["block", "shared"],
-                   help="slot queries added to each block's input: its own (init 0.02) or one set for all blocks "
-                        "(init N(0, 1), as DETR's)")
+    p.add_argument("--queries", default=None, choices=["block", "shared", "none"],
+                   help="slot queries added to each block's input: its own (init 0.02), one set for all blocks "
+                        "(init N(0, 1), as DETR's), or none (D.1 describes none: slots differ by their z_t only)")
     p.add_argument("--time-split", action="store_true", help="block k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
@@ -156,7 +163,7 @@ def get_args_parser():
     p.add_argument("--ffn", type=int, default=512, help="FFN width of each block")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 50, lr drop at 40)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 40, lr drop at 32)")
     p.add_argument("--bs", type=int, default=None, help="batch size per process (paper 16; minivoc 8)")
     p.add_argument("--lr", type=float, default=None, help="lr of the blocks, heads and embeddings (paper 1e-4)")
     p.add_argument("--lr-backbone", type=float, default=None, help="backbone lr (paper 1e-5; minivoc: --lr)")
@@ -174,6 +181,7 @@ def get_args_parser():
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--max-steps", type=int, default=0, help="stop each pass after this many steps (smoke tests)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test images only")
+    p.set_defaults(**SETUPS["voc2007"], assign="hungarian")  # the default dataset's; parse_args applies --dataset's
     return p
 
 
@@ -190,22 +198,28 @@ SETUPS = {
 }
 
 
-def apply_method_defaults(args, argv):
-    """The dataset's setup for flags left at None; minivoc trains its backbone at the blocks' lr; bp
-    uses the parallel schedule (one joint update per batch)."""
-    for key, value in SETUPS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.lr_backbone is None:
-        args.lr_backbone = args.lr
-    given = {a.split("=")[0] for a in argv}
-    if args.method == "bp" and "--mode" not in given:
-        args.mode = "parallel"
-    if args.assign is None:  # match on the Euler path: the coupling is the Hungarian matching of z1_hat itself
-        own = args.coupling == "anchor" or (args.coupling == "match" and args.train_path == "euler")
-        args.assign = "coupling" if own else "hungarian"
-    if args.coupling == "anchor" and "--queries" not in given:
-        args.queries = "shared"  # slot j means anchor j to every block
+def parse_args(argv=None):
+    """Flags, with the --dataset setup as real argparse defaults. A first pass reads --dataset and
+    --method (abbreviations included) and applies the setup with set_defaults (bp: the parallel
+    schedule, one joint update per batch); a second pass reads the flags other defaults follow: the
+    backbone lr defaults to --lr where the setup has none (minivoc), --assign to 'coupling' where
+    the coupling already is the Hungarian matching of z1_hat (anchor; match on the Euler path), and
+    --queries to shared for the anchor coupling. A flag the user typed always wins; --help shows
+    what the run will use."""
+    first, _ = get_args_parser(add_help=False).parse_known_args(argv)
+    defaults = dict(SETUPS[first.dataset], **({"mode": "parallel"} if first.method == "bp" else {}))
+    second = get_args_parser(add_help=False)
+    second.set_defaults(**defaults)
+    known, _ = second.parse_known_args(argv)
+    if defaults["lr_backbone"] is None:
+        defaults["lr_backbone"] = known.lr
+    own = known.coupling == "anchor" or (known.coupling == "match" and known.train_path == "euler")
+    defaults["assign"] = "coupling" if own else "hungarian"
+    if known.coupling == "anchor":
+        defaults["queries"] = "shared"  # slot j means anchor j to every block
+    parser = get_args_parser()
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
     if args.backbone == "tiny" and args.dataset != "minivoc":  # its only pretraining is on digits
         args.no_pretrained = True
     return args
@@ -662,7 +676,8 @@ class FlowBlock(nn.Module):
     def forward(self, z, memory, t, query=None):
         if self.slot is not None:  # its own slot embedding, plus the detector's query if there is one
             query = self.slot if query is None else self.slot + query
-        return self.out(self.layer(z + self.time(t)[:, None] + query.expand_as(z), memory))
+        h = z + self.time(t)[:, None]  # [B, M, d]
+        return self.out(self.layer(h if query is None else h + query.expand_as(z), memory))
 
 
 class FlowDetector(nn.Module):
@@ -780,10 +795,10 @@ def build_model(args, num_classes):
     if args.method == "bp":
         return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T,
                             getattr(args, "detach_layers", False))
-    shared = getattr(args, "queries", "block") == "shared"  # checkpoints from before --queries: per block
-    blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout, own_query=not shared)
+    kind = getattr(args, "queries", "block")  # checkpoints from before --queries: per block
+    blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout, own_query=kind == "block")
               for _ in range(args.T)]
-    queries = nn.Parameter(torch.randn(args.slots, args.dim)) if shared else None  # N(0, I), as DETR's
+    queries = nn.Parameter(torch.randn(args.slots, args.dim)) if kind == "shared" else None  # N(0, I), as DETR's
     return FlowDetector(memory, blocks, num_classes, args.dim, guard=not args.no_guard, queries=queries,
                         predict=getattr(args, "predict", "velocity"),
                         anchors=anchor_points(args.slots) if getattr(args, "coupling", "") == "anchor" else None,
@@ -915,9 +930,11 @@ def hungarian_match(logits, boxes, targets):
     return hungarian(match_costs(logits, boxes, [t["labels"] for t in targets], [t["boxes_norm"] for t in targets]))
 
 
-def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=0.1):
+def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=0.1, num_boxes=None):
     """DETR's loss once every slot has its target: CE over all slots (no-object weighted 0.1), L1 x 5
-    and GIoU x 2 on the slots that hold an object, box terms averaged over the number of objects.
+    and GIoU x 2 summed over the slots that hold an object and divided, as DETR's SetCriterion does,
+    by num_boxes: the number of ground-truth boxes in the batch, matched or not (an image with more
+    objects than slots leaves some unmatched). None: the number of slots that hold an object.
     target_classes [B, M] (num_classes = no object), target_boxes [B, M, 4] cxcywh."""
     weight = torch.ones(num_classes + 1, device=logits.device)
     weight[num_classes] = eos_coef
@@ -926,20 +943,27 @@ def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=
     src, tgt = boxes[held], target_boxes[held]
     if len(tgt) == 0:
         return ce + src.sum() * 0
-    l1 = F.l1_loss(src, tgt, reduction="sum") / len(tgt)
+    num_boxes = max(num_boxes if num_boxes is not None else len(tgt), 1)
+    l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
     giou = (1 - torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"),
-                                               box_convert(tgt, "cxcywh", "xyxy")))).sum() / len(tgt)
+                                               box_convert(tgt, "cxcywh", "xyxy")))).sum() / num_boxes
     return ce + 5 * l1 + 2 * giou
 
 
+def num_boxes(targets):
+    """Ground-truth boxes in the batch, DETR's normaliser of the box losses."""
+    return sum(len(t["labels"]) for t in targets)
+
+
 def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
-    """DETR set loss: Hungarian matching of the slots to every ground-truth object, then set_loss."""
+    """DETR set loss: Hungarian matching of the slots to every ground-truth object (with more objects
+    than slots, the matching picks which M), then set_loss normalised by all boxes of the batch."""
     target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
     target_boxes = torch.zeros_like(boxes)
     for i, (rows, cols) in enumerate(hungarian_match(logits, boxes, targets)):
         target_classes[i, rows] = targets[i]["labels"].to(logits.device)[cols]
         target_boxes[i, rows] = targets[i]["boxes_norm"].to(boxes.device)[cols]
-    return set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef)
+    return set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef, num_boxes(targets))
 
 
 @torch.no_grad()
@@ -1002,7 +1026,8 @@ def block_loss(model, k, feats, targets, slots, args, noise=None, path=None):
                                               weight=(1 - t) ** 2 if model.predict != "velocity" else None)
     logits, pred_boxes = model.decode(z1_hat)
     if args.assign == "coupling":  # the slots' own targets: the same assignment as the flow path
-        return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes)
+        return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes,
+                                                 num_boxes=num_boxes(targets))
     return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
 
 
@@ -1113,6 +1138,8 @@ def summary(record):
 
 def main(args):
     device = core.init_distributed(args.device)
+    if core.is_main():
+        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     core.seed_everything(args.seed)
     core.check_flags(args)
     if args.method == "fm" and args.train_path == "euler" and (args.time_split or args.t_dist != "uniform"):
@@ -1163,5 +1190,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    main(apply_method_defaults(get_args_parser().parse_args(argv), argv))
+    main(parse_args())

@@ -1,0 +1,69 @@
+"""Write a real-format stand-in for MNIST: scikit-learn's handwritten digits, upscaled to 28x28 with
+random affine jitter, in torchvision's MNIST on-disk layout (MNIST/raw/*-idx?-ubyte).
+
+    python docs/make_digits_mnist.py --out data/digits28 [--n-train 8000 --n-test 2000] [--val]
+
+Train images are drawn from core.digits_split's 80% train digits, test images from its held-out 20%,
+so no test glyph is ever seen in training. --val writes a validation set instead: train and "test"
+both come from the train digits, split 80/20 by source glyph (for choosing recipes without test).
+Used for issue 14's measurements (docs/research_notes.md); not needed to use the project.
+"""
+import argparse
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402
+
+
+def write_idx(path, array):
+    """MNIST's idx format: magic (0, 0, 0x08 = ubyte, ndim), big-endian dims, raw bytes."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def render(images, labels, n, seed):
+    """n 28x28 uint8 images: random source glyphs, 20 px tall, rotated +-12 deg, scaled 0.9-1.1,
+    shifted +-2 px, bilinear, on a black background (MNIST's polarity)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(labels), (n,), generator=g)
+    src = F.pad(F.interpolate(images[pick], size=20, mode="bilinear", align_corners=False), (4, 4, 4, 4))
+    angle = (torch.rand(n, generator=g) * 2 - 1) * np.deg2rad(12)
+    scale = 0.9 + 0.2 * torch.rand(n, generator=g)
+    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 / 14)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, (n, 1, 28, 28), align_corners=False)
+    out = F.grid_sample(src, grid, mode="bilinear", align_corners=False).clamp(0, 1)
+    return (out[:, 0] * 255).round().numpy(), labels[pick].numpy()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder that gets MNIST/raw/")
+    p.add_argument("--n-train", type=int, default=8000)
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--val", action="store_true", help="test files from held-out train digits (a validation set)")
+    args = p.parse_args()
+    (xtr, ytr), (xte, yte) = core.digits_split()
+    if args.val:
+        order = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))
+        cut = int(0.8 * len(order))
+        (xtr, ytr), (xte, yte) = (xtr[order[:cut]], ytr[order[:cut]]), (xtr[order[cut:]], ytr[order[cut:]])
+    raw = os.path.join(args.out, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for prefix, x, y, n, seed in (("train", xtr, ytr, args.n_train, 0), ("t10k", xte, yte, args.n_test, 1)):
+        images, labels = render(x, y, n, seed)
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), images)
+        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels)
+    print(f"wrote {args.n_train} train / {args.n_test} test 28x28 digits to {raw}")
+
+
+if __name__ == "__main__":
+    main()
