@@ -160,17 +160,18 @@ class Run:
     def data(self):
         """(train, test) with the test transform on both (no augmentation for frozen features)."""
         if self.script == "finetune_vit.py":
-            train, test, _ = self.module.build_data(self.args, self.model.backbone)
+            train, _, test, _ = self.module.build_data(self.args, self.model.backbone)
         elif self.kind == "det":
-            train, test, _ = self.module.build_data(self.args)
+            train, _, test, _ = self.module.build_data(self.args)
             train.dataset.transform = test.transform  # train is core.Seeded(VOCData)
             return train, test
         else:
-            train, test = self.module.build_data(self.args)[:2]
-        inner_train, inner_test = train.dataset, test.dataset
-        for a, b in ((inner_train, inner_test), (getattr(inner_train, "dataset", None), getattr(inner_test, "dataset", None))):
-            if a is not None and hasattr(a, "transform") and hasattr(b, "transform"):
-                a.transform = b.transform
+            train, _, test = self.module.build_data(self.args)[:3]
+        def reader(dataset):  # under the Seeded / WithIndex / Subset wrappers, the dataset that transforms
+            while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
+                dataset = dataset.dataset
+            return dataset
+        reader(train).transform = reader(test).transform
         return train, test
 
     def loader(self, dataset, bs, limit=0):
@@ -408,7 +409,9 @@ def mode_curves(runs, args):
     for run_path in [r.path for r in runs]:
         log = os.path.splitext(run_path)[0] + ".jsonl"
         records = [json.loads(line) for line in open(log) if line.strip()]
-        metric = next(m for m in ("map50", "acc_ensemble", "acc") if m in records[-1])
+        # validation every epoch (runs before the val split: the test metrics they logged every epoch)
+        metric = next(m for m in ("val_map50", "val_acc_ensemble", "val_acc", "map50", "acc_ensemble", "acc")
+                      if m in records[0])
         label = os.path.basename(run_path)
         axes[0].plot([r["epoch"] for r in records], [r[metric] for r in records], "o-", ms=3, label=f"{label} ({metric})")
         axes[1].plot([r["epoch"] for r in records], [r["loss"] for r in records], "o-", ms=3, label=label)

@@ -808,7 +808,7 @@ def check_flags(args):
 
 
 def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evaluate, summary, ema=None,
-        schedule_per_step=True, collate_fn=None, extra_state=None):
+        schedule_per_step=True, collate_fn=None, extra_state=None, test=None):
     """The training loop of the four scripts, on one device or under torchrun.
 
     args: the script's flags; read here: epochs, bs (per process), seed, out, resume, max_steps,
@@ -817,7 +817,11 @@ def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evalua
       (x, target, index), no optimiser step. `forward` runs the backbone (fm) or the whole model (bp):
       the DDP wrapper under torchrun, None otherwise (and when memory is measured on a copy).
       noise_key = (seed, epoch, pass): key of the per-sample training noise (`train_noise`).
-    evaluate(model) -> metrics; every process calls it and it reduces over them (`all_sum`).
+    evaluate(model) -> validation metrics, logged every epoch with the prefix val_ (None: no validation
+      split, a --final run); test(model) -> test metrics, logged unprefixed after the last epoch only
+      (every epoch with args.test_every_epoch, for curves). Every process calls both and they reduce
+      over processes (`all_sum`). With an EMA, the raw weights are evaluated too (prefix raw_ after
+      the split's: val_raw_acc, raw_acc).
     summary(record) -> the text after 'epoch e/E' in the per-epoch line.
 
     Under torchrun the backbone (fm) or the model (bp) is DDP-wrapped and reduced in its single
@@ -907,9 +911,13 @@ def fit(args, script, arch, model, optimizer, scheduler, train_set, step, evalua
                     scheduler.step()
                 names = sorted(sums)
                 totals = all_sum([sums[n] for n in names] + [count])
-                metrics = evaluate(ema.module if ema is not None else model)
-                if ema is not None:  # the raw weights too, so a user sees when the average lags behind
-                    metrics.update({f"raw_{k}": v for k, v in evaluate(model).items()})
+                # the EMA's weights, and the raw ones too, so a user sees when the average lags behind
+                weights = [("", ema.module)] + [("raw_", model)] if ema is not None else [("", model)]
+                test_now = epoch + 1 == args.epochs or getattr(args, "test_every_epoch", False)
+                metrics = {}
+                for split, run in (("val_", evaluate), ("", test if test_now else None)):
+                    for prefix, evaluated in weights if run is not None else []:
+                        metrics.update({f"{split}{prefix}{k}": v for k, v in run(evaluated).items()})
                 record = {"epoch": epoch + 1, **{n: v / totals[-1] for n, v in zip(names, totals)}, **metrics,
                           "lr": scheduler.get_last_lr()[0], "time": time.time() - t0, "peak_step_bytes": peak,
                           "global_batch": args.bs * world}
@@ -1077,14 +1085,21 @@ def topk_for(num_classes):
 
 
 def classification_summary(record):
-    """The per-epoch line of the classification scripts (fm when the record has acc_ensemble)."""
-    if "acc_ensemble" not in record:
-        line = f"loss {record['loss']:.4f} acc {record['acc']:.4f}"
-    else:
-        line = (f"loss {record['loss']:.4f} acc_ensemble {record['acc_ensemble']:.4f} single {record['acc_single']:.4f} "
-                f"multistep {record['acc_multistep']:.4f} probe {record['acc_probe']:.4f}")
-    raw = "raw_acc_ensemble" if "raw_acc_ensemble" in record else "raw_acc"
-    return line + (f" | raw weights {record[raw]:.4f}" if raw in record else "")
+    """The per-epoch line of the classification scripts: validation top-1 (ensemble, single-step,
+    multi-step and probe for fm; acc for bp), the raw weights' beside an EMA's, and test at the end."""
+    def accuracies(prefix):
+        if f"{prefix}acc_ensemble" in record:
+            line = " ".join(f"{name} {record[f'{prefix}acc_{name}']:.4f}"
+                            for name in ("ensemble", "single", "multistep", "probe"))
+        elif f"{prefix}acc" in record:
+            line = f"acc {record[f'{prefix}acc']:.4f}"
+        else:
+            return ""
+        raw = next((k for k in (f"{prefix}raw_acc_ensemble", f"{prefix}raw_acc") if k in record), None)
+        return line + (f" (raw weights {record[raw]:.4f})" if raw else "")
+    parts = [f"loss {record['loss']:.4f}"]
+    parts += [f"{name} {text}" for name, text in (("val", accuracies("val_")), ("TEST", accuracies(""))) if text]
+    return " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1131,35 +1146,61 @@ DATA_HINTS = {
 }
 
 
-def classification_data(name, root, train_transform=None, test_transform=None, download=True):
-    """(train_set, test_set, num_classes) for digits | mnist | cifar10 | cifar100 | tinyimagenet |
-    imagenet-r. Items are (image, label); transforms take a PIL image (tensor [C,H,W] for digits).
+def validation_indices(n, fraction=0.1, cap=5000, seed=0):
+    """The validation split carved from n training items: a fixed permutation (its own generator, the
+    same for every run seed) cut into (train indices, val indices), both sorted; the validation part
+    is round(fraction * n) items, at most `cap`, so a small real-format set still trains on most of
+    its data."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(cap, round(fraction * n))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# validation fraction of each dataset's training part (digits: 20%, as 10% would be 144 images)
+VAL_FRACTION = {"digits": 0.2}
+
+
+def classification_data(name, root, train_transform=None, test_transform=None, download=True, val=True):
+    """(train_set, val_set, test_set, num_classes) for digits | mnist | cifar10 | cifar100 |
+    tinyimagenet | imagenet-r. Items are (image, label); transforms take a PIL image (tensor [C,H,W]
+    for digits). The validation set is carved from the training data (`validation_indices`: 10%, at
+    most 5,000; digits 20% of its 80% train part) and read with the test transform; it is never taken
+    from test. val=False (a final run) trains on train + validation and returns val_set None.
     Raises DataError with one line when the data is missing and cannot be downloaded."""
     import torchvision
     if name == "digits":
         (xtr, ytr), (xte, yte) = digits_split()
-        return TensorImages(xtr, ytr, train_transform), TensorImages(xte, yte, test_transform), 10
-    if name in ("cifar10", "cifar100", "mnist"):
+        train, train_plain = TensorImages(xtr, ytr, train_transform), TensorImages(xtr, ytr, test_transform)
+        test, num_classes = TensorImages(xte, yte, test_transform), 10
+    elif name in ("cifar10", "cifar100", "mnist"):
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
                "mnist": torchvision.datasets.MNIST}[name]
         sets = []
-        for train, tf in ((True, train_transform), (False, test_transform)):
+        for train_split, tf in ((True, train_transform), (False, test_transform)):
             try:
-                sets.append(cls(root, train=train, transform=tf, download=False))
+                sets.append(cls(root, train=train_split, transform=tf, download=False))
             except RuntimeError:
                 if not download:
                     raise DataError(f"{name} not found under {os.path.abspath(root)}: {DATA_HINTS[name]}")
                 try:
-                    sets.append(cls(root, train=train, transform=tf, download=True))
+                    sets.append(cls(root, train=train_split, transform=tf, download=True))
                 except Exception as e:
                     raise DataError(f"{name} not found under {os.path.abspath(root)} and the download failed "
                                     f"({type(e).__name__}): {DATA_HINTS[name]}") from None
-        return sets[0], sets[1], {"cifar10": 10, "cifar100": 100, "mnist": 10}[name]
-    if name == "tinyimagenet":
-        return tinyimagenet(root, train_transform, test_transform)
-    if name == "imagenet-r":
-        return imagefolder_split(os.path.join(root, "imagenet-r"), train_transform, test_transform, name)
-    raise DataError(f"unknown dataset {name!r}")
+        train, test = sets
+        train_plain = cls(root, train=True, transform=test_transform, download=False)
+        num_classes = {"cifar10": 10, "cifar100": 100, "mnist": 10}[name]
+    elif name == "tinyimagenet":
+        train, train_plain, test, num_classes = tinyimagenet(root, train_transform, test_transform)
+    elif name == "imagenet-r":
+        train, train_plain, test, num_classes = imagefolder_split(os.path.join(root, "imagenet-r"), train_transform,
+                                                                  test_transform, name)
+    else:
+        raise DataError(f"unknown dataset {name!r}")
+    if not val:
+        return train, None, test, num_classes
+    keep, held = validation_indices(len(train), VAL_FRACTION.get(name, 0.1))
+    return Subset(train, keep), Subset(train_plain, held), test, num_classes
 
 
 def load_image(path):
@@ -1174,7 +1215,8 @@ def load_image(path):
 
 def tinyimagenet(root, train_transform, test_transform):
     """TinyImageNet in its standard layout: tiny-imagenet-200/train/<wnid>/images/*.JPEG and
-    val/images/*.JPEG labelled by val/val_annotations.txt (the val split is the test set)."""
+    val/images/*.JPEG labelled by val/val_annotations.txt (its val split is the test set here).
+    Returns (train, train with the test transform, test, num_classes)."""
     import torchvision
     base = os.path.join(root, "tiny-imagenet-200")
     train_dir, val_dir = os.path.join(base, "train"), os.path.join(base, "val")
@@ -1188,15 +1230,17 @@ def tinyimagenet(root, train_transform, test_transform):
             parts = line.split("\t")
             if len(parts) >= 2 and parts[1] in train.class_to_idx:
                 samples.append((os.path.join(val_dir, "images", parts[0]), train.class_to_idx[parts[1]]))
+    plain = torchvision.datasets.ImageFolder(train_dir, test_transform, loader=load_image)
     test = torchvision.datasets.ImageFolder(train_dir, test_transform, loader=load_image)  # same classes, new samples
     test.samples = test.imgs = samples
     test.targets = [s[1] for s in samples]
-    return train, test, len(train.classes)
+    return train, plain, test, len(train.classes)
 
 
 def imagefolder_split(folder, train_transform, test_transform, name, test_fraction=0.2, seed=0):
     """An ImageFolder tree (class folders of images) split into train / test (20%, fixed seed),
-    the usual protocol for ImageNet-R, which ships without a split."""
+    the usual protocol for ImageNet-R, which ships without a split. Returns (train, train with the
+    test transform, test, num_classes)."""
     import torchvision
     if not os.path.isdir(folder):
         raise DataError(f"{name} not found at {os.path.abspath(folder)}: {DATA_HINTS.get(name, 'see README')}")
@@ -1208,5 +1252,4 @@ def imagefolder_split(folder, train_transform, test_transform, name, test_fracti
     cut = int(len(order) * (1 - test_fraction))
     train, test = (torchvision.datasets.ImageFolder(folder, tf, loader=load_image)
                    for tf in (train_transform, test_transform))
-    return (torch.utils.data.Subset(train, order[:cut]), torch.utils.data.Subset(test, order[cut:]),
-            len(full.classes))
+    return Subset(train, order[:cut]), Subset(test, order[:cut]), Subset(test, order[cut:]), len(full.classes)

@@ -104,6 +104,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--final", action="store_true",
+                   help="train on train + validation (once the choices are made) and report test; no val_ metrics")
+    p.add_argument("--test-every-epoch", action="store_true",
+                   help="log the test metrics every epoch (for curves); default: after the last epoch only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     return p
 
@@ -235,8 +239,10 @@ def build_data(args, backbone):
         to = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(backbone.mean, backbone.std)]
         train_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()] + to)
         test_tf = v2.Compose([v2.Resize((size, size), antialias=True)] + to)
-    train, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf)
-    return core.Seeded(core.WithIndex(train), args.seed), core.WithIndex(test), num_classes
+    train, val, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf,
+                                                             val=not getattr(args, "final", False))
+    val = core.WithIndex(val) if val is not None else None
+    return core.Seeded(core.WithIndex(train), args.seed), val, core.WithIndex(test), num_classes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +262,7 @@ def main(args):
     core.check_flags(args)
     try:
         model = build_model(args, NUM_CLASSES_HINT[args.dataset])
-        train_set, test_set, num_classes = build_data(args, model.backbone)
+        train_set, val_set, test_set, num_classes = build_data(args, model.backbone)
     except (WeightsError, core.DataError) as e:
         sys.exit(f"error: {e}")
     if num_classes != NUM_CLASSES_HINT[args.dataset]:  # e.g. an ImageNet-R subset with fewer classes
@@ -265,8 +271,9 @@ def main(args):
     model = model.to(device)
     if args.dataset == "digits":
         args.workers = 0  # in-memory tensors: worker processes only add start-up time
-    test_loader = torch.utils.data.DataLoader(core.shard(test_set), 2 * args.bs, shuffle=False,
-                                              num_workers=args.workers, pin_memory=device.type == "cuda")
+    loaders = {name: torch.utils.data.DataLoader(core.shard(data), 2 * args.bs, shuffle=False, num_workers=args.workers,
+                                                 pin_memory=device.type == "cuda")
+               for name, data in (("val", val_set), ("test", test_set)) if data is not None}
 
     backbone = list(model.backbone.parameters())
     ids = {id(p) for p in backbone}
@@ -277,12 +284,19 @@ def main(args):
     if core.is_main():
         print(f"{args.method} fine-tuning {args.model} ({model.backbone.source}) on {args.dataset}: T={args.T} mode={args.mode} "
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
-    arch = ("method", "model", "T", "dataset", "img_size", "patch", "depth", "feat_norm", "no_guard")
+    arch = ("final", "method", "model", "T", "dataset", "img_size", "patch", "depth", "feat_norm", "no_guard")
+
+    def evaluate(split):  # validation every epoch, test at the end (core.fit); None without that split
+        ks = core.topk_for(num_classes)
+        return (lambda m: core.evaluate_classifier(m, loaders[split], device, args.seed, args.amp, ks)) \
+            if split in loaders else None
+
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
-                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp, core.topk_for(num_classes)),
+                    evaluate("val"),
                     lambda r: core.classification_summary(r) + f" peak step memory {r['peak_step_bytes'] / 2**20:.1f} MiB",
-                    extra_state={"num_classes": num_classes, "weights": model.backbone.source})
+                    extra_state={"num_classes": num_classes, "weights": model.backbone.source},
+                    test=evaluate("test"))
 
 
 if __name__ == "__main__":

@@ -404,8 +404,8 @@ def test_mnist_files_under_data_are_read_through_torchvision_offline(tmp_path, m
             "--epochs", "1", "--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "m.pt")]
     record = train_cls_cnn.main(parse(train_cls_cnn, argv))
     assert 0 <= record["acc_ensemble"] <= 1
-    train, test, classes = core.classification_data("mnist", str(tmp_path), download=False)
-    assert (len(train), len(test), classes) == (len(ytr), len(yte), 10)
+    train, val, test, classes = core.classification_data("mnist", str(tmp_path), download=False)
+    assert (len(train) + len(val), len(val), len(test), classes) == (len(ytr), round(0.1 * len(ytr)), len(yte), 10)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,21 +733,24 @@ SMALL_DET = ["--dataset", "minivoc", "--backbone", "resnet18", "--no-pretrained"
              "--eval-limit", "8", "--workers", "0"]
 
 
-@pytest.mark.parametrize("extra", [["--mode", "parallel", "--coupling", "ot"], ["--method", "bp", "--mode", "parallel"]])
+@pytest.mark.parametrize("extra", [[], ["--recipe", "paper"], ["--mode", "parallel", "--coupling", "ot"],
+                                   ["--method", "bp", "--mode", "parallel"]])
 def test_detection_end_to_end_on_minivoc(tmp_path, extra):
     data = str(tmp_path / "data")
     det.write_minivoc(data, n_train=12, n_test=8)
     argv = SMALL_DET + extra + ["--data", data, "--out", str(tmp_path / "d.pt")]
     record = det.main(parse(det, argv))
     assert 0 <= record["map50"] <= 1 and 0 <= record["map50_area"] <= 1 and record["peak_step_bytes"] > 0
-    assert ("map50_noise" in record) == ("bp" not in extra)  # fm also logs Euler from the other start
+    assert 0 <= record["val_map50"] <= 1  # validation every epoch, test (unprefixed) after the last
+    start = "map50_noise" if extra != ["--recipe", "paper"] else "map50_mean"
+    assert (start in record) == ("bp" not in extra)  # fm also logs Euler from the other start
     state = core.load_checkpoint(str(tmp_path / "d.pt"))
     assert state["script"] == "train_det_voc.py"
 
 
 def test_inference_from_the_noise_mean_starts_euler_at_zero():
     args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "2"])
-    assert args.z0_infer == "mean" and parse(det, ["--T", "2"]).z0_infer == "noise"  # VOC: the paper's noise
+    assert args.z0_infer == "mean" and parse(det, ["--T", "2", "--recipe", "paper"]).z0_infer == "noise"
     model = det.build_model(args, 3).eval()
     x, index = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
     with torch.no_grad():
@@ -1187,7 +1190,8 @@ def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, 
     open(xml, "w").write(text)
     jpg = os.path.join(base, "JPEGImages", "000002.jpg")
     open(jpg, "wb").write(open(jpg, "rb").read()[:200])
-    case(det, SMALL_DET + ["--data", data, "--max-steps", "3", "--out", str(tmp_path / "d.pt")], "unreadable image", jpg)
+    case(det, SMALL_DET + ["--data", data, "--max-steps", "3", "--bs", "2", "--out", str(tmp_path / "d.pt")],
+         "unreadable image", jpg)  # 6 training images (2 go to validation): every one read
     case(det, SMALL_DET + ["--data", data, "--crop", "1.5", "--out", str(tmp_path / "d.pt")], "--crop", "1.5")
     case(det, SMALL_DET + ["--data", data, "--method", "bp", "--box-query", "--out", str(tmp_path / "d.pt")],
          "--box-query")
@@ -1385,3 +1389,130 @@ def test_flat_grad_puts_the_zeros_of_a_parameter_without_gradient_beside_the_oth
     net[1](torch.ones(1, 3)).sum().backward()
     flat = analyze.flat_grad(net)
     assert flat.shape == (13,) and flat[:9].abs().sum() == 0 and flat[9:].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: validation splits carved from training data, never from test
+# ------------------------------------------------------------------------------------------------
+def write_image_tree(root, classes, per_class, seed=0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(os.path.join(root, c, f"{c}_{i}.jpg"))
+
+
+def carved(train, val, size):
+    """The train / val Subsets: disjoint indices into the same training data, together all of it."""
+    keep, held = set(train.indices), set(val.indices)
+    assert not keep & held and keep | held == set(range(size)) and len(held) > 0
+    return keep, held
+
+
+def test_validation_is_carved_from_train_and_disjoint_from_test(tmp_path):
+    train, val, test, _ = core.classification_data("digits", "unused")
+    carved(train, val, 1437)
+    assert len(val) == round(0.2 * 1437) and len(test) == 360  # test: the held-out 20% of scikit-learn's digits
+    assert core.classification_data("digits", "unused", val=False)[1] is None
+    # the same fixed carve-out in every run and every process
+    assert core.validation_indices(1000) == core.validation_indices(1000) and len(core.validation_indices(1000)[1]) == 100
+    assert len(core.validation_indices(100_000)[1]) == 5000  # at most 5,000
+    # MNIST layout: val from the train files, test from the t10k files
+    (xtr, ytr), (xte, yte) = core.digits_split()
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, x, y in (("train", xtr, ytr), ("t10k", xte, yte)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", (x[:, 0].numpy() * 255).repeat(3, 1).repeat(3, 2)[:, :28, :28])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y.numpy())
+    train, val, test, _ = core.classification_data("mnist", str(tmp_path), download=False)
+    carved(train, val, len(ytr))
+    assert train.dataset.train and val.dataset.train and not test.train
+    assert val.dataset.transform is None and val.dataset is not train.dataset  # own reader (test transform)
+    # TinyImageNet: val carved from train/, test = its val/ folder
+    base = tmp_path / "tiny-imagenet-200"
+    write_image_tree(str(base / "train"), ["n01", "n02"], 10)
+    for c in ("n01", "n02"):
+        os.rename(base / "train" / c, base / "train" / f"{c}_tmp")
+        os.makedirs(base / "train" / c / "images")
+        for f in os.listdir(base / "train" / f"{c}_tmp"):
+            os.rename(base / "train" / f"{c}_tmp" / f, base / "train" / c / "images" / f)
+        os.rmdir(base / "train" / f"{c}_tmp")
+    write_image_tree(str(base / "val"), ["images"], 4)
+    with open(base / "val" / "val_annotations.txt", "w") as f:
+        f.writelines(f"images_{i}.jpg\tn0{1 + i % 2}\t0\t0\t8\t8\n" for i in range(4))
+    train, val, test, classes = core.classification_data("tinyimagenet", str(tmp_path))
+    carved(train, val, 20)
+    assert classes == 2 and len(test) == 4 and all("/val/" in p for p, _ in test.samples)
+    # ImageNet-R: test is 20% of the tree, val is carved from the other 80%
+    write_image_tree(str(tmp_path / "imagenet-r"), ["a", "b"], 25)
+    train, val, test, _ = core.classification_data("imagenet-r", str(tmp_path))
+    outer_train, outer_test = set(train.dataset.indices), set(test.indices)
+    assert not outer_train & outer_test and len(outer_train | outer_test) == 50
+    carved(train, val, 40)
+    held = {train.dataset.indices[i] for i in val.indices}
+    assert not held & outer_test
+
+
+def test_detection_validation_comes_from_trainval_or_voc_val(tmp_path):
+    args = det.parse_args(["--dataset", "minivoc", "--data", str(tmp_path), "--no-pretrained"])
+    det.write_minivoc(str(tmp_path), n_train=20, n_test=5)
+    train, val, test, _ = det.build_data(args)
+    assert not set(train.dataset.ids) & set(val.ids) and len(val) == 4 and len(train) == 16
+    stems = lambda d: {os.path.basename(d.voc.images[i]) for i in d.ids}  # noqa: E731
+    assert not (stems(train.dataset) | stems(val)) & stems(test)
+    assert det.build_data(det.parse_args(["--dataset", "minivoc", "--data", str(tmp_path), "--final"]))[1] is None
+    # VOC 2007: the official train / val image sets
+    main = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    names = (main / "trainval.txt").read_text().split()
+    (main / "train.txt").write_text("\n".join(names[:12]) + "\n")
+    (main / "val.txt").write_text("\n".join(names[12:]) + "\n")
+    args = det.parse_args(["--data", str(tmp_path), "--no-pretrained"])
+    train, val, test, _ = det.build_data(args)
+    assert len(train) == 12 and len(val) == 8 and not stems(train.dataset) & stems(val)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], dict(recipe="dfm", coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1,
+              z0_infer="mean", assign="coupling", mode="sequential")),
+    (["--recipe", "paper"], dict(coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0,
+                                 z0_infer="noise", assign="hungarian")),
+    (["--recipe", "paper", "--coupling", "ot"], dict(coupling="ot", queries="block", assign="hungarian")),
+    (["--dataset", "minivoc", "--recipe", "paper"], dict(coupling="index", backbone="tiny", slots=10)),
+])
+def test_detection_recipe_is_the_default_formulation_and_paper_is_one_flag(argv, expected):
+    args = det.parse_args(argv)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_euler_training_states_are_the_states_inference_visits_with_dropout_off():
+    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "3",
+                       "--dropout", "0.5", "--no-pretrained"])
+    torch.manual_seed(0)
+    model = det.build_model(args, 3)
+    model.train()
+    feats, z0 = [torch.randn(2, 16, 32)], torch.randn(2, 4, 32) * 0.1
+    states = det.euler_states(model, feats, z0, 2)
+    assert model.heads.training  # restored
+    model.eval()
+    _, path = core.integrate(lambda k, z, t: model.velocity(k, z, feats, t), z0, 3, return_path=True)
+    for a, b in zip(states[1:], path[:2]):
+        torch.testing.assert_close(a, b)
+
+
+def test_an_image_with_more_objects_than_slots_takes_the_hungarian_loss_over_all_of_them(monkeypatch):
+    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "2", "--T", "2",
+                       "--no-pretrained"])
+    assert args.assign == "coupling"
+    model = det.build_model(args, 3)
+    calls = []
+    real = det.detection_loss
+    monkeypatch.setattr(det, "detection_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, 3, 32, 32)
+    two = [{"labels": torch.tensor([0, 1]), "boxes_norm": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.2, 0.2]])}]
+    three = [{"labels": torch.tensor([0, 1, 2]), "boxes_norm": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.2, 0.2],
+                                                                          [0.8, 0.2, 0.1, 0.1]])}]
+    det.train_step(model, x, two, [0, 1], args, torch.device("cpu"))
+    assert not calls  # within M: the coupling's slots are the matching
+    det.train_step(model, x, three, [0, 1], args, torch.device("cpu"))
+    assert len(calls) == 2  # one per block

@@ -114,6 +114,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--final", action="store_true",
+                   help="train on train + validation (once the choices are made) and report test; no val_ metrics")
+    p.add_argument("--test-every-epoch", action="store_true",
+                   help="log the test metrics every epoch (for curves); default: after the last epoch only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     return p
 
@@ -138,7 +142,7 @@ def parse_args(argv=None):
 # Data
 # ----------------------------------------------------------------------------------------------
 def build_data(args):
-    size = args.img_size
+    size = args.img_size or IMG_SIZE[args.dataset]  # checkpoints from before the setup default: None
     mean, std = STATS[args.dataset]
     if args.dataset == "digits":  # tensors [1, 8, 8]; a small random shift as augmentation
         train_tf = v2.Compose([v2.Resize(size, antialias=True), v2.RandomAffine(0, translate=(0.1, 0.1)),
@@ -148,15 +152,19 @@ def build_data(args):
         to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         aug = []
         if args.dataset != "mnist":  # D.2: AutoAugment on every CNN setup (ImageNet policy for TinyImageNet)
-            crop_flip = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()] if args.crop_flip else []
+            crop_flip = ([v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
+                         if getattr(args, "crop_flip", True) else [])  # checkpoints from before the flag: on
             policy = v2.AutoAugmentPolicy.IMAGENET if args.dataset == "tinyimagenet" else v2.AutoAugmentPolicy.CIFAR10
             aug = crop_flip + [v2.AutoAugment(policy)]
-        erase = [v2.RandomErasing(args.erasing)] if args.erasing > 0 else []
+        erasing = getattr(args, "erasing", 0.0)  # checkpoints from before --erasing: none
+        erase = [v2.RandomErasing(erasing)] if erasing > 0 else []
         train_tf = v2.Compose([v2.Resize(size, antialias=True)] + aug + to_tensor + erase)
         test_tf = v2.Compose([v2.Resize(size, antialias=True)] + to_tensor)
-    train, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf)
+    train, val, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf,
+                                                             val=not getattr(args, "final", False))
     in_ch = 1 if args.dataset in ("digits", "mnist") else 3
-    return core.Seeded(core.WithIndex(train), args.seed), core.WithIndex(test), num_classes, in_ch
+    val = core.WithIndex(val) if val is not None else None
+    return core.Seeded(core.WithIndex(train), args.seed), val, core.WithIndex(test), num_classes, in_ch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,12 +246,13 @@ def main(args):
     core.seed_everything(args.seed)
     core.check_flags(args)
     try:
-        train_set, test_set, num_classes, in_ch = build_data(args)
+        train_set, val_set, test_set, num_classes, in_ch = build_data(args)
     except core.DataError as e:
         sys.exit(f"error: {e}")
     if args.dataset == "digits":
         args.workers = 0  # in-memory tensors: worker processes only add start-up time
-    test_loader = torch.utils.data.DataLoader(core.shard(test_set), 512, shuffle=False, num_workers=args.workers)
+    loaders = {name: torch.utils.data.DataLoader(core.shard(data), 512, shuffle=False, num_workers=args.workers)
+               for name, data in (("val", val_set), ("test", test_set)) if data is not None}
 
     model = build_model(args, num_classes, in_ch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
@@ -253,12 +262,20 @@ def main(args):
     if core.is_main():
         print(f"{args.method} on {args.dataset}: T={args.T} mode={args.mode} topology={args.topology} "
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
-    arch = ("method", "topology", "T", "channels", "dim", "hidden", "head_blocks", "dataset", "img_size", "no_guard",
+    arch = ("final", "method", "topology", "T", "channels", "dim", "hidden", "head_blocks", "dataset", "img_size",
+            "no_guard",
             "feat_norm")
+
+    def evaluate(split):  # validation every epoch, test at the end (core.fit); None without that split
+        ks = core.topk_for(num_classes)
+        return (lambda m: core.evaluate_classifier(m, loaders[split], device, args.seed, args.amp, ks)) \
+            if split in loaders else None
+
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
-                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp, core.topk_for(num_classes)),
-                    core.classification_summary, ema=ema, extra_state={"num_classes": num_classes, "in_ch": in_ch})
+                    evaluate("val"),
+                    core.classification_summary, ema=ema, extra_state={"num_classes": num_classes, "in_ch": in_ch},
+                    test=evaluate("test"))
 
 
 if __name__ == "__main__":

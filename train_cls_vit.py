@@ -112,6 +112,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--final", action="store_true",
+                   help="train on train + validation (once the choices are made) and report test; no val_ metrics")
+    p.add_argument("--test-every-epoch", action="store_true",
+                   help="log the test metrics every epoch (for curves); default: after the last epoch only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     return p
 
@@ -147,9 +151,11 @@ def build_data(args):
         erase = [v2.RandomErasing(0.25)] if args.dataset in ("cifar100", "tinyimagenet") else []
         train_tf = v2.Compose([v2.Resize(size, antialias=True)] + aug + to_tensor + erase)
         test_tf = v2.Compose([v2.Resize(size, antialias=True)] + to_tensor)
-    train, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf)
+    train, val, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf,
+                                                             val=not getattr(args, "final", False))
     in_ch = 1 if args.dataset in ("digits", "mnist") else 3
-    return core.Seeded(core.WithIndex(train), args.seed), core.WithIndex(test), num_classes, in_ch
+    val = core.WithIndex(val) if val is not None else None
+    return core.Seeded(core.WithIndex(train), args.seed), val, core.WithIndex(test), num_classes, in_ch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,12 +251,13 @@ def main(args):
     core.seed_everything(args.seed)
     core.check_flags(args)
     try:
-        train_set, test_set, num_classes, in_ch = build_data(args)
+        train_set, val_set, test_set, num_classes, in_ch = build_data(args)
     except core.DataError as e:
         sys.exit(f"error: {e}")
     if args.dataset == "digits":
         args.workers = 0  # in-memory tensors: worker processes only add start-up time
-    test_loader = torch.utils.data.DataLoader(core.shard(test_set), 512, shuffle=False, num_workers=args.workers)
+    loaders = {name: torch.utils.data.DataLoader(core.shard(data), 512, shuffle=False, num_workers=args.workers)
+               for name, data in (("val", val_set), ("test", test_set)) if data is not None}
 
     model = build_model(args, num_classes, in_ch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
@@ -260,13 +267,19 @@ def main(args):
     if core.is_main():
         print(f"{args.method} on {args.dataset}: ViT[{args.dim} {args.depth} {args.heads}] T={args.T} mode={args.mode} "
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
-    arch = ("method", "head", "T", "dim", "depth", "heads", "patch", "stem", "hidden", "head_blocks", "dataset",
+    arch = ("final", "method", "head", "T", "dim", "depth", "heads", "patch", "stem", "hidden", "head_blocks", "dataset",
             "img_size", "no_guard")
+
+    def evaluate(split):  # validation every epoch, test at the end (core.fit); None without that split
+        ks = core.topk_for(num_classes)
+        return (lambda m: core.evaluate_classifier(m, loaders[split], device, args.seed, args.amp, ks)) \
+            if split in loaders else None
+
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
-                    lambda m: core.evaluate_classifier(m, test_loader, device, args.seed, args.amp, core.topk_for(num_classes)),
+                    evaluate("val"),
                     core.classification_summary, ema=ema,
-                    extra_state={"num_classes": num_classes, "in_ch": in_ch})
+                    extra_state={"num_classes": num_classes, "in_ch": in_ch}, test=evaluate("test"))
 
 
 if __name__ == "__main__":

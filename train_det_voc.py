@@ -101,6 +101,10 @@ def get_args_parser(add_help=True):
                         "paper; minivoc 0.6)")
     # method
     p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the DETR-style baseline")
+    p.add_argument("--recipe", default="dfm", choices=sorted(RECIPES),
+                   help="fm's flow formulation: dfm (coupling match, shared queries, predict refine, Euler training "
+                        "path, z0 std 0.1, start at the mean) or paper (index, per-block queries, velocity, straight "
+                        "line, z0 ~ N(0, I), noise start); each part can be overridden by its own flag")
     p.add_argument("--mode", default=None, choices=["parallel", "sequential"],
                    help="schedule: Algorithm 1 (a full pass per block) or every batch trains all blocks")
     p.add_argument("--T", type=int, default=4, help="flow blocks (bp: decoder layers)")
@@ -180,34 +184,48 @@ def get_args_parser(add_help=True):
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--max-steps", type=int, default=0, help="stop each pass after this many steps (smoke tests)")
-    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N test images only")
-    p.set_defaults(**SETUPS["voc2007"], assign="hungarian")  # the default dataset's; parse_args applies --dataset's
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N validation / test images only")
+    p.add_argument("--final", action="store_true",
+                   help="train on trainval (once the choices are made) and report test; no val_ metrics")
+    p.add_argument("--test-every-epoch", action="store_true",
+                   help="log the test metrics every epoch (for curves); default: after the last epoch only")
+    # the default dataset's setup and recipe; parse_args applies those the command line asks for
+    p.set_defaults(**SETUPS["voc2007"], **RECIPES["dfm"], assign="coupling")
     return p
 
 
-# flags left at None: the paper's D.1 setup on VOC; minivoc is a CPU quickstart (README, "Detection")
+# per dataset: the paper's D.1 setup on VOC; minivoc is a CPU quickstart (README, "Detection")
 SETUPS = {
     "voc2007": dict(backbone="resnet50", img_size=256, stride=32, slots=20, bs=16, lr=1e-4, lr_backbone=1e-5,
-                    epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5, crop=0.0,
-                    coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0,
-                    z0_infer="noise"),
+                    epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5, crop=0.0),
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
-                    epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0, crop=0.6,
-                    coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1,
-                    z0_infer="mean"),
+                    epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0, crop=0.6),
+}
+# --recipe: the flow formulation. 'paper' is the literal reading of Sections 3.1.1 / A.1.2 (objects in
+# annotation order, per-block slot queries, velocity output, training on the straight line, z0 ~ N(0, I),
+# Euler from a noise draw); 'dfm' is this project's (README, "Detection on minivoc"): the slot that
+# finds an object is its target, shared queries, each block refines the running estimate, blocks
+# train on the Euler states inference visits, small noise, Euler from the noise's mean. fm only.
+RECIPES = {
+    "paper": dict(coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0,
+                  z0_infer="noise"),
+    "dfm": dict(coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1,
+                z0_infer="mean"),
 }
 
 
 def parse_args(argv=None):
-    """Flags, with the --dataset setup as real argparse defaults. A first pass reads --dataset and
-    --method (abbreviations included) and applies the setup with set_defaults (bp: the parallel
+    """Flags, with the --dataset setup and the --recipe as real argparse defaults. A first pass reads
+    --dataset, --recipe and --method (abbreviations included) and applies them with set_defaults (bp: the parallel
     schedule, one joint update per batch); a second pass reads the flags other defaults follow: the
     backbone lr defaults to --lr where the setup has none (minivoc), --assign to 'coupling' where
     the coupling already is the Hungarian matching of z1_hat (anchor; match on the Euler path), and
     --queries to shared for the anchor coupling. A flag the user typed always wins; --help shows
     what the run will use."""
     first, _ = get_args_parser(add_help=False).parse_known_args(argv)
-    defaults = dict(SETUPS[first.dataset], **({"mode": "parallel"} if first.method == "bp" else {}))
+    defaults = dict(SETUPS[first.dataset], **RECIPES[first.recipe])
+    if first.method == "bp":
+        defaults["mode"] = "parallel"
     second = get_args_parser(add_help=False)
     second.set_defaults(**defaults)
     known, _ = second.parse_known_args(argv)
@@ -406,7 +424,7 @@ class VOCData(torch.utils.data.Dataset):
     target = dict(boxes [G, 4] xyxy in original 1-based VOC pixels, labels [G], difficult [G], size (H, W)).
     A malformed annotation (unparsable XML, unknown class, xmax <= xmin) raises core.DataError naming the file."""
 
-    def __init__(self, root, image_set, classes, transform, download=False):
+    def __init__(self, root, image_set, classes, transform, download=False, indices=None):
         where = f"{os.path.abspath(root)}/VOCdevkit/VOC2007"
         try:
             self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set)
@@ -420,15 +438,17 @@ class VOCData(torch.utils.data.Dataset):
                                      f"({type(e).__name__}); extract VOCtrainval_06-Nov-2007.tar and "
                                      f"VOCtest_06-Nov-2007.tar under {os.path.abspath(root)}") from None
         self.classes, self.transform = classes, transform
+        # indices: the images of the image set this dataset holds (a validation carve-out), all when None
+        self.ids = list(range(len(self.voc))) if indices is None else list(indices)
         self.parsed = {}  # index -> annotation, each XML file parsed once
 
     def __len__(self):
-        return len(self.voc)
+        return len(self.ids)
 
     def annotation(self, i):
         """dict(boxes, labels, difficult) of image i (a new dict each call; the tensors are shared)."""
         if i not in self.parsed:
-            self.parsed[i] = self.parse(self.voc.annotations[i])
+            self.parsed[i] = self.parse(self.voc.annotations[self.ids[i]])
         return dict(self.parsed[i])
 
     def parse(self, path):
@@ -452,11 +472,12 @@ class VOCData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         target = self.annotation(i)
+        path = self.voc.images[self.ids[i]]
         try:
-            with Image.open(self.voc.images[i]) as im:
+            with Image.open(path) as im:
                 image = v2.functional.pil_to_tensor(im.convert("RGB"))
         except OSError as e:  # missing, truncated or not an image
-            raise core.DataError(f"unreadable image {self.voc.images[i]}: {str(e).splitlines()[0]}") from None
+            raise core.DataError(f"unreadable image {path}: {str(e).splitlines()[0]}") from None
         h, w = image.shape[-2:]
         target["size"] = torch.tensor([h, w])
         # VOC boxes are 1-based inclusive pixels; the model works on 0-based continuous coordinates
@@ -494,6 +515,9 @@ class CropKeepingBoxes(v2.Transform):
 
 
 def build_data(args):
+    """(train, val, test, classes). Validation: VOC 2007's official val image set (training on its
+    train set), or for minivoc 20% of trainval carved with a fixed seed; both read with the test
+    transform. --final trains on trainval and has no validation set (val None)."""
     classes = DIGIT_CLASSES if args.dataset == "minivoc" else VOC_CLASSES
     if args.dataset == "minivoc":
         write_minivoc(args.data)
@@ -504,8 +528,16 @@ def build_data(args):
     train_tf = v2.Compose([flip] + crop + [v2.Resize(size, antialias=True)] + norm)
     test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
     download = args.dataset == "voc2007"
-    train = core.Seeded(VOCData(args.data, "trainval", classes, train_tf, download), args.seed)  # seeded flips
-    return train, VOCData(args.data, "test", classes, test_tf, download), classes
+    final = getattr(args, "final", False)
+    if final or args.dataset == "voc2007":
+        train = VOCData(args.data, "trainval" if final else "train", classes, train_tf, download)
+        val = None if final else VOCData(args.data, "val", classes, test_tf, download)
+    else:
+        keep, held = core.validation_indices(len(VOCData(args.data, "trainval", classes, None)), 0.2)
+        train = VOCData(args.data, "trainval", classes, train_tf, indices=keep)
+        val = VOCData(args.data, "trainval", classes, test_tf, indices=held)
+    test = VOCData(args.data, "test", classes, test_tf, download)
+    return core.Seeded(train, args.seed), val, test, classes  # Seeded: flips and crops drawn per (seed, epoch, image)
 
 
 def collate(batch):
@@ -970,9 +1002,13 @@ def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
 def euler_states(model, feats, z0, last):
     """--train-path euler: [z0, z_(1/T), ..., z_(last/T)], the states at which inference hands the
     latent to blocks 0..last (blocks 0..last-1 take their Euler steps with their current weights,
-    no gradient). One trajectory per batch serves every block of the parallel schedule."""
+    no gradient, dropout off as at inference). One trajectory per batch serves every block of the
+    parallel schedule."""
+    training = model.heads.training
+    model.heads.eval()  # dropout off, as at inference: the states are the ones inference visits
     _, path = core.integrate(lambda j, z, t: model.velocity(j, z, feats, t), z0, model.T, stop=last,
                              return_path=True)
+    model.heads.train(training)
     return [z0] + path
 
 
@@ -1025,7 +1061,10 @@ def block_loss(model, k, feats, targets, slots, args, noise=None, path=None):
                                               args.sigma_min, detach_target=model.guard, z0=z0, t=t,
                                               weight=(1 - t) ** 2 if model.predict != "velocity" else None)
     logits, pred_boxes = model.decode(z1_hat)
-    if args.assign == "coupling":  # the slots' own targets: the same assignment as the flow path
+    overflow = any(len(t["labels"]) > args.slots for t in targets)
+    # the slots' own targets: the same assignment as the flow path; an image with more objects than
+    # slots holds only its first M there, so such a batch takes the Hungarian loss over all objects
+    if args.assign == "coupling" and not overflow:
         return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes,
                                                  num_boxes=num_boxes(targets))
     return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
@@ -1132,8 +1171,15 @@ def train_step(model, x, targets, blocks, args, device, forward=None, index=None
 
 
 def summary(record):
-    return (f"loss {record['loss']:.4f} map50 {record['map50']:.4f} map50_area {record['map50_area']:.4f}"
-            + "".join(f" {k} {record[k]:.4f}" for k in ("map50_ensemble", "map50_noise", "map50_mean") if k in record))
+    """The per-epoch line: validation map50 (and fm's other read-outs), test at the end."""
+    def maps(prefix):
+        if f"{prefix}map50" not in record:
+            return ""
+        names = ("map50", "map50_area", "map50_ensemble", "map50_noise", "map50_mean")
+        return " ".join(f"{n} {record[prefix + n]:.4f}" for n in names if prefix + n in record)
+    parts = [f"loss {record['loss']:.4f}"] + [f"{name} {text}" for name, text in (("val", maps("val_")),
+                                                                                  ("TEST", maps(""))) if text]
+    return " | ".join(parts)
 
 
 def main(args):
@@ -1157,18 +1203,21 @@ def main(args):
     if args.box_embed != "linear" and args.method != "fm":
         sys.exit("error: --box-embed sets fm's targets; bp has none")
     try:
-        train_set, test_set, classes = core.main_first(lambda: build_data(args))  # written / downloaded once
+        train_set, val_set, test_set, classes = core.main_first(lambda: build_data(args))  # written / downloaded once
         if args.backbone == "tiny" and not (args.weights or args.no_pretrained):
             args.weights = core.main_first(lambda: tiny_weights(args))  # pretrained once, like a download
         model = build_model(args, len(classes)).to(device)
         overflow = sum(len(train_set.dataset.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
     except (core.DataError, WeightsError) as e:
         sys.exit(f"error: {e}")
-    if args.eval_limit:
-        test_set = torch.utils.data.Subset(test_set, range(min(args.eval_limit, len(test_set))))
-    test_loader = torch.utils.data.DataLoader(core.shard(test_set), max(args.bs, 8), shuffle=False,
-                                              num_workers=args.workers, collate_fn=collate,
-                                              pin_memory=device.type == "cuda")
+    loaders = {}
+    for name, data in (("val", val_set), ("test", test_set)):
+        if data is not None and args.eval_limit:
+            data = torch.utils.data.Subset(data, range(min(args.eval_limit, len(data))))
+        if data is not None:
+            loaders[name] = torch.utils.data.DataLoader(core.shard(data), max(args.bs, 8), shuffle=False,
+                                                        num_workers=args.workers, collate_fn=collate,
+                                                        pin_memory=device.type == "cuda")
 
     backbone = list(model.backbone.trunk.parameters())
     ids = {id(p) for p in backbone}
@@ -1179,14 +1228,19 @@ def main(args):
     if core.is_main():
         weights = args.weights or ("none" if args.no_pretrained else "ImageNet")
         print(f"{args.method} on {args.dataset}: {args.backbone} (weights: {weights}) T={args.T} mode={args.mode} "
-              f"coupling={args.coupling} M={args.slots} crop={args.crop} device={device}; {overflow} training images "
-              f"have more than {args.slots} objects (first {args.slots} kept as targets)")
-    arch = ("method", "dataset", "T", "backbone", "stride", "dim", "slots", "nheads", "ffn", "img_size", "no_guard",
-            "z0_std", "queries", "predict", "coupling", "box_embed", "box_query")
+              f"{f'recipe={args.recipe} ' if args.method == 'fm' else ''}coupling={args.coupling} M={args.slots} "
+              f"crop={args.crop} device={device}; {overflow} training images have more than {args.slots} objects "
+              f"(the flow targets keep the first {args.slots}; the Hungarian loss matches among all)")
+    arch = ("final", "method", "dataset", "T", "backbone", "stride", "dim", "slots", "nheads", "ffn", "img_size",
+            "no_guard", "z0_std", "queries", "predict", "coupling", "box_embed", "box_query")
+
+    def evaluate_on(split):  # validation every epoch, test at the end (core.fit); None without that split
+        return (lambda m: evaluate(m, loaders[split], args, device, len(classes))) if split in loaders else None
+
     return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
                     lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
-                    lambda m: evaluate(m, test_loader, args, device, len(classes)), summary,
-                    schedule_per_step=False, collate_fn=collate, extra_state={"num_classes": len(classes)})
+                    evaluate_on("val"), summary, schedule_per_step=False, collate_fn=collate,
+                    extra_state={"num_classes": len(classes)}, test=evaluate_on("test"))
 
 
 if __name__ == "__main__":
