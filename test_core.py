@@ -1270,6 +1270,8 @@ def test_single_hidden_layer_head_is_nonlinear():
     (train_cls_cnn, ["--dataset", "cifar100"], "erasing", 0.25),
     (train_cls_vit, ["--dataset", "tinyimagenet", "--meth", "bp", "--ep", "7"], "epochs", 7),
     (train_cls_vit, ["--dataset", "tinyimagenet"], "heads", 6),
+    (train_cls_vit, ["--dataset", "digits", "--method", "bp"], "lr", 1e-3),
+    (train_cls_vit, ["--dataset", "digits", "--method", "bp", "--lr", "3e-3"], "lr", 3e-3),
     (finetune_vit, ["--dataset", "digits", "--no-pretrained", "--lr", "3e-3"], "lr_backbone", 3e-3),
     (finetune_vit, ["--dataset", "cifar10"], "model", "vit_base_patch16_224.augreg_in1k"),
     (det, ["--method", "bp", "--mod", "sequential"], "mode", "sequential"),
