@@ -252,8 +252,6 @@ def train_step(model, x, y, heads, args, device, forward=None, index=None, noise
 
 def main(args):
     device = core.init_distributed(args.device)
-    if core.is_main():
-        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     core.seed_everything(args.seed)
     core.check_flags(args)
     try:
@@ -270,6 +268,8 @@ def main(args):
     steps = core.steps_per_epoch(train_set, args)
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
     ema = core.make_ema(model, args.ema, args.ema_bn) if args.ema > 0 else None
+    if core.is_main():  # once data and model are built, so a bad input stops with its error line alone
+        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     if core.is_main():
         print(f"{args.method} on {args.dataset}: ViT[{args.dim} {args.depth} {args.heads}] T={args.T} mode={args.mode} "
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")

@@ -1184,8 +1184,6 @@ def summary(record):
 
 def main(args):
     device = core.init_distributed(args.device)
-    if core.is_main():
-        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     core.seed_everything(args.seed)
     core.check_flags(args)
     if args.method == "fm" and args.train_path == "euler" and (args.time_split or args.t_dist != "uniform"):
@@ -1225,7 +1223,8 @@ def main(args):
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd,
                                   foreach=True)  # torch's multi-tensor step, also on CPU (faster there too)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop], 0.1)  # stepped per epoch
-    if core.is_main():
+    if core.is_main():  # once data and model are built, so a bad input stops with its error line alone
+        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
         weights = args.weights or ("none" if args.no_pretrained else "ImageNet")
         print(f"{args.method} on {args.dataset}: {args.backbone} (weights: {weights}) T={args.T} mode={args.mode} "
               f"{f'recipe={args.recipe} ' if args.method == 'fm' else ''}coupling={args.coupling} M={args.slots} "
