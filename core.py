@@ -1156,6 +1156,15 @@ def validation_indices(n, fraction=0.1, cap=5000, seed=0):
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def with_transform(dataset, transform):
+    """The same items read with another transform (a shallow copy: no second scan or load of the data),
+    e.g. the training set as validation sees it."""
+    import copy
+    view = copy.copy(dataset)
+    view.transform = transform
+    return view
+
+
 # validation fraction of each dataset's training part (digits: 20%, as 10% would be 144 images)
 VAL_FRACTION = {"digits": 0.2}
 
@@ -1170,7 +1179,8 @@ def classification_data(name, root, train_transform=None, test_transform=None, d
     import torchvision
     if name == "digits":
         (xtr, ytr), (xte, yte) = digits_split()
-        train, train_plain = TensorImages(xtr, ytr, train_transform), TensorImages(xtr, ytr, test_transform)
+        train = TensorImages(xtr, ytr, train_transform)
+        train_plain = with_transform(train, test_transform)
         test, num_classes = TensorImages(xte, yte, test_transform), 10
     elif name in ("cifar10", "cifar100", "mnist"):
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
@@ -1188,7 +1198,7 @@ def classification_data(name, root, train_transform=None, test_transform=None, d
                     raise DataError(f"{name} not found under {os.path.abspath(root)} and the download failed "
                                     f"({type(e).__name__}): {DATA_HINTS[name]}") from None
         train, test = sets
-        train_plain = cls(root, train=True, transform=test_transform, download=False)
+        train_plain = with_transform(train, test_transform)
         num_classes = {"cifar10": 10, "cifar100": 100, "mnist": 10}[name]
     elif name == "tinyimagenet":
         train, train_plain, test, num_classes = tinyimagenet(root, train_transform, test_transform)
@@ -1230,7 +1240,7 @@ def tinyimagenet(root, train_transform, test_transform):
             parts = line.split("\t")
             if len(parts) >= 2 and parts[1] in train.class_to_idx:
                 samples.append((os.path.join(val_dir, "images", parts[0]), train.class_to_idx[parts[1]]))
-    plain = torchvision.datasets.ImageFolder(train_dir, test_transform, loader=load_image)
+    plain = with_transform(train, test_transform)
     test = torchvision.datasets.ImageFolder(train_dir, test_transform, loader=load_image)  # same classes, new samples
     test.samples = test.imgs = samples
     test.targets = [s[1] for s in samples]
