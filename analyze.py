@@ -136,7 +136,8 @@ class Run:
         if self.script not in CLASSIFICATION + ("train_det_voc.py",):
             raise core.CheckpointError(f"{path} was written by {self.script!r}, which analyze.py does not know")
         self.module = importlib.import_module(self.script[:-3])
-        self.args = argparse.Namespace(**state["args"])
+        # flags added since an older checkpoint was written take the value that run used (the script's table)
+        self.args = argparse.Namespace(**{**getattr(self.module, "OLD_CHECKPOINTS", {}), **state["args"]})
         self.args.device = str(device)
         self.kind = "det" if self.script == "train_det_voc.py" else "cls"
         # never download: the checkpoint holds every weight
@@ -383,8 +384,7 @@ def mode_grad_variance(runs, args):
             grads = [[] for _ in range(T)]
             for x, y, _ in batches:
                 model.zero_grad(set_to_none=True)
-                run.module.train_step(model, x.to(run.device), y if run.kind == "det" else y.to(run.device),
-                                      list(range(T)), margs, run.device)
+                run.module.train_step(model, None, (x, y, None), list(range(T)), None, margs, run.device)
                 for k, block in enumerate(block_modules(model)):
                     grads[k].append(flat_grad(block))
             for k in range(T):
@@ -458,7 +458,7 @@ def mode_memory(args, extra, device):
             params = inspect.signature(module.build_model).parameters
             torch.manual_seed(0)
             model = module.build_model(margs, classes, *([x.shape[1]] if "in_ch" in params else [])).to(device).train()
-            step = lambda m: module.train_step(m, x, y, list(range(T)), margs, device)  # noqa: E731
+            step = lambda m: module.train_step(m, None, (x, y, None), list(range(T)), None, margs, device)  # noqa: E731
             peak = core.measure_step_memory(step, model, device)
             step(model)  # warm-up, then time the median of three steps
             times = []
@@ -488,7 +488,8 @@ def mode_memory(args, extra, device):
 
 
 def main(args, extra):
-    device = core.get_device(args.device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
+        torch.device(args.device)
     modes = [m for m in ("probe", "inference", "geometry", "refinement", "grad_variance", "curves", "memory")
              if getattr(args, m)]
     if not modes:

@@ -32,13 +32,20 @@ digits is not a paper setup. From random init it defaults to 16 px images, 4 px 
 uniform t and lam 1 the randomly initialised ViT learned far slower under fm than under bp (README).
 """
 import argparse
+import functools
+import json
 import logging
+import math
 import os
 import sys
+import time
 
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import Subset
 from torchvision.transforms import v2
 
 import core
@@ -67,30 +74,31 @@ def get_args_parser(add_help=True):
     # method
     p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow heads, or 4 encoder layers end to end")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"], help="block-wise schedule")
-    p.add_argument("--T", type=int, default=4, help="flow heads (bp: encoder layers)")
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
                    help="t in training: U[0,1] (paper), u^2 (more weight near t=0) or 0")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the CE on the t = 1 estimate (paper 1)")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE reduction over latent dims")
-    p.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
-    # model and weights
-    p.add_argument("--model", default="vit_base_patch16_224.augreg_in1k",
+    # model: a --resume must match these (and --dataset, --method, --final): RESUME_MATCH
+    arch = p.add_argument_group("model")
+    arch.add_argument("--T", type=int, default=4, help="flow heads (bp: encoder layers)")
+    arch.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
+    arch.add_argument("--model", default="vit_base_patch16_224.augreg_in1k",
                    help="any timm ViT, with its pretrained tag (default: ImageNet-1k only, as D.2; timm's bare "
                         "vit_base_patch16_224 resolves to ImageNet-21k pretraining, augreg2_in21k_ft_in1k)")
     p.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                    help="timm's pretrained weights for --model, downloaded when online")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init")
     p.add_argument("--weights", default=None, help="local .safetensors or .pth state dict of the backbone")
-    p.add_argument("--img-size", type=int, default=None, help="input size (random init or --weights; else the model's)")
-    p.add_argument("--patch", type=int, default=None, help="patch size (random init or --weights)")
-    p.add_argument("--depth", type=int, default=None,
+    arch.add_argument("--img-size", type=int, default=None, help="input size (random init or --weights; else the model's)")
+    arch.add_argument("--patch", type=int, default=None, help="patch size (random init or --weights)")
+    arch.add_argument("--depth", type=int, default=None,
                    help="transformer blocks (random init or --weights; else the model's; digits from scratch 4)")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the heads")
-    p.add_argument("--feat-norm", default="none", choices=["none", "batch"],
+    arch.add_argument("--feat-norm", default="none", choices=["none", "batch"],
                    help="batch: standardise the token features per channel (BatchNorm, no affine) before the heads")
     # optimisation
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the heads")
     p.add_argument("--epochs", type=int, default=10, help="epochs (paper: CIFAR-10 20, CIFAR-100 10, ImageNet-R 50)")
     p.add_argument("--bs", type=int, default=32, help="batch size (paper: CIFAR 32, ImageNet-R 64)")
     p.add_argument("--lr", type=float, default=1e-4, help="lr of heads / bp layers (paper 1e-4; ImageNet-R 1e-3)")
@@ -131,31 +139,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+# the flags a --resume must match: the parser's model group, and what the data and the method are
+RESUME_MATCH = ("dataset", "method", "final") + tuple(
+    a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
+# flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
+OLD_CHECKPOINTS = {"depth": None, "feat_norm": "none", "final": False, "test_every_epoch": False}
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-class WeightsError(RuntimeError):
-    """Weights that cannot be had or do not fit; one-line message."""
-
-
-def load_state_file(path):
-    """A state dict from .safetensors or a torch file (weights_only); a wrapping {'model': ...} or
-    {'state_dict': ...} is unwrapped."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"cannot read weights file {path} ({type(e).__name__})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} holds no state dict")
-    return state
-
-
 class ViTBackbone(nn.Module):
     """timm ViT without its classifier; returns [unpooled output tokens [B, N, D]]."""
 
@@ -168,21 +161,14 @@ class ViTBackbone(nn.Module):
             self.vit = timm.create_model(name, pretrained=download, num_classes=0, global_pool="", **kw)
         except RuntimeError as e:
             if "Unknown model" in str(e):
-                raise WeightsError(f"timm has no model {name!r}") from None
-            raise WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
+                raise core.WeightsError(f"timm has no model {name!r}") from None
+            raise core.WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
                                f"--weights FILE (.safetensors or .pth) or --no-pretrained") from None
         except Exception as e:  # network errors from the hub
-            raise WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
+            raise core.WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
                                f"--weights FILE (.safetensors or .pth) or --no-pretrained") from None
-        if weights:
-            state = {k: v for k, v in load_state_file(weights).items() if not k.startswith(("head.", "fc_norm.head"))}
-            own = self.vit.state_dict()
-            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-            shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-            if missing or unexpected or shapes:
-                raise WeightsError(f"{weights} does not fit {name}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
-                                   f"wrong shape {shapes[:4]}")
-            self.vit.load_state_dict(state)
+        if weights:  # the file's classifier (head.*) is not part of the backbone
+            core.load_weights(self.vit, weights, name, skip=("head.", "fc_norm.head"))
         cfg = self.vit.pretrained_cfg or {}
         # what the weights are, for the log: timm's architecture.tag, the file, or random init
         self.source = (f"timm {cfg.get('architecture', name)}.{cfg.get('tag')}" if download else
@@ -216,8 +202,8 @@ class BPClassifier(nn.Module):
 
 def build_model(args, num_classes):
     """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
-    backbone = ViTBackbone(args.model, args.pretrained, args.weights, args.img_size, args.patch,
-                           getattr(args, "depth", None), getattr(args, "feat_norm", "none"))
+    backbone = ViTBackbone(args.model, args.pretrained, args.weights, args.img_size, args.patch, args.depth,
+                           args.feat_norm)
     if args.method == "bp":
         return BPClassifier(backbone, num_classes, args.T)
     heads = [core.TokenFlowHead(backbone.dim, backbone.dim, backbone.heads_hint, dropout=args.dropout)
@@ -228,7 +214,51 @@ def build_model(args, num_classes):
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+DATA_HINTS = {"cifar10": "put cifar-10-batches-py/ under --data", "cifar100": "put cifar-100-python/ under --data",
+              "imagenet-r": "download imagenet-r.tar (github.com/hendrycks/imagenet-r) and extract it under --data"}
+VAL_FRACTION = {"digits": 0.2}  # of the training part (10% elsewhere, at most 5,000; digits: 10% would be 144)
+
+
+def read_dataset(name, root, train_tf, test_tf, download=True):
+    """(train, train read with test_tf, test, num_classes) of one dataset; core.DataError with one line
+    when it is missing (torchvision downloads CIFAR when online). ImageNet-R ships without a split: its
+    class folders are split 80/20 with a fixed seed, the usual protocol."""
+    if name == "digits":
+        (xtr, ytr), (xte, yte) = core.digits_split()
+        train = core.TensorImages(xtr, ytr, train_tf)
+        return train, core.with_transform(train, test_tf), core.TensorImages(xte, yte, test_tf), 10
+    if name == "imagenet-r":
+        folder = os.path.join(root, "imagenet-r")
+        if not os.path.isdir(folder):
+            raise core.DataError(f"{name} not found at {os.path.abspath(folder)}: {DATA_HINTS[name]}")
+        try:
+            full = torchvision.datasets.ImageFolder(folder)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise core.DataError(f"{name} at {os.path.abspath(folder)} holds no images ({str(e).splitlines()[0]})") \
+                from None
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
+        cut = int(len(order) * 0.8)
+        train, test = (torchvision.datasets.ImageFolder(folder, tf, loader=core.load_image) for tf in (train_tf, test_tf))
+        return Subset(train, order[:cut]), Subset(test, order[:cut]), Subset(test, order[cut:]), len(full.classes)
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    sets = []
+    for split, tf in ((True, train_tf), (False, test_tf)):
+        try:
+            sets.append(cls(root, train=split, transform=tf, download=False))
+        except RuntimeError:
+            try:
+                if not download:
+                    raise RuntimeError("offline")
+                sets.append(cls(root, train=split, transform=tf, download=True))
+            except Exception as e:
+                raise core.DataError(f"{name} not found under {os.path.abspath(root)} and not downloaded "
+                                     f"({type(e).__name__}): {DATA_HINTS[name]}") from None
+    return sets[0], core.with_transform(sets[0], test_tf), sets[1], len(sets[0].classes)
+
+
 def build_data(args, backbone):
+    """(train, val, test, num_classes) at the backbone's input size and normalisation: validation carved from
+    train (core.validation_indices) and read with the test transform; --final trains on both."""
     size = backbone.img_size
     if args.dataset == "digits":  # tensors [1, 8, 8] -> 3 channels at the model's input size
         to = [v2.Resize(size, antialias=True), v2.Lambda(lambda x: x.expand(3, -1, -1)),
@@ -239,29 +269,79 @@ def build_data(args, backbone):
         to = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(backbone.mean, backbone.std)]
         train_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()] + to)
         test_tf = v2.Compose([v2.Resize((size, size), antialias=True)] + to)
-    train, val, test, num_classes = core.classification_data(args.dataset, args.data, train_tf, test_tf,
-                                                             val=not getattr(args, "final", False))
-    val = core.WithIndex(val) if val is not None else None
+    train, train_plain, test, num_classes = read_dataset(args.dataset, args.data, train_tf, test_tf)
+    val = None
+    if not args.final:
+        keep, held = core.validation_indices(len(train), VAL_FRACTION.get(args.dataset, 0.1))
+        train, val = Subset(train, keep), core.WithIndex(Subset(train_plain, held))
     return core.Seeded(core.WithIndex(train), args.seed), val, core.WithIndex(test), num_classes
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Training and evaluation
 # ----------------------------------------------------------------------------------------------
-def train_step(model, x, y, heads, args, device, forward=None, index=None, noise_key=None):
-    """Forward + block-wise (fm) or joint (bp) backward, no optimiser step (core.classifier_step)."""
-    return core.classifier_step(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True), heads,
-                                device, args, forward, index, noise_key)
+def train_step(model, forward, batch, heads, noise_key, args, device):
+    """One batch (x, y, index), no optimiser step. fm: the backbone once, then core.blockwise_backward over
+    `heads`, each with its local loss (eq. 19) at t from core.sample_t and per-sample noise from
+    core.train_noise (fresh draws when index or noise_key is None), then the detached probe. bp:
+    cross-entropy and one joint backward. forward: the DDP wrapper under torchrun, else None."""
+    x, y, index = batch
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with core.autocast(device, args.amp):
+        if args.method == "bp":
+            loss = F.cross_entropy((forward or model)(x).float(), y)
+            if not math.isfinite(loss.item()):
+                raise core.NonFiniteLoss("bp", loss.item())
+            loss.backward()
+            return {"loss": loss.item()}
+        feats = (forward or model.backbone)(x)
+
+        def head_loss(k, f):
+            z0, u = (None, None) if index is None or noise_key is None else \
+                core.train_noise(index, (*noise_key, k), (model.dim,), device)
+            t = core.sample_t(len(y), k, model.T, args.time_split, device, args.t_dist, u)
+            return model.head_loss(k, f, y, z0, t, args.lam, args.sigma_min, args.mse)
+        losses = core.blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
+        probe = model.probe_loss(feats, y)
+    probe.backward()
+    return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(),
+            **{f"loss_h{k}": v for k, v in losses.items()}}
+
+
+def summary(record):
+    """The per-epoch line: validation top-1 (ensemble, single-step, multi-step and probe for fm; acc for bp),
+    the raw weights' beside an EMA's, and test at the end."""
+    def accuracies(prefix):
+        names = ("ensemble", "single", "multistep", "probe") if f"{prefix}acc_ensemble" in record else ("",)
+        if f"{prefix}acc{'_' + names[0] if names[0] else ''}" not in record:
+            return ""
+        line = " ".join(f"{n or 'acc'} {record[f'{prefix}acc' + ('_' + n if n else '')]:.4f}" for n in names)
+        raw = next((k for k in (f"{prefix}raw_acc_ensemble", f"{prefix}raw_acc") if k in record), None)
+        return line + (f" (raw weights {record[raw]:.4f})" if raw else "")
+    return " | ".join([f"loss {record['loss']:.4f}"] + [f"{name} {text}" for name, text in
+                                                        (("val", accuracies("val_")), ("TEST", accuracies(""))) if text]) \
+        + f" peak step memory {record['peak_step_bytes'] / 2**20:.1f} MiB"
+
+
+def check_flags(args):
+    """One-line exit for values and combinations that cannot run, before anything is written."""
+    for name in ("epochs", "bs", "T"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    if args.method == "bp" and args.mode == "sequential":
+        sys.exit("error: --mode sequential trains flow heads one at a time; it does not apply to --method bp")
+    if args.method == "bp" and args.time_split:
+        sys.exit("error: --time-split assigns time intervals to flow heads; it does not apply to --method bp")
 
 
 def main(args):
     device = core.init_distributed(args.device)
     core.seed_everything(args.seed)
-    core.check_flags(args)
+    check_flags(args)
     try:
         model = build_model(args, NUM_CLASSES_HINT[args.dataset])
         train_set, val_set, test_set, num_classes = build_data(args, model.backbone)
-    except (WeightsError, core.DataError) as e:
+    except (core.WeightsError, core.DataError) as e:
         sys.exit(f"error: {e}")
     if num_classes != NUM_CLASSES_HINT[args.dataset]:  # e.g. an ImageNet-R subset with fewer classes
         core.seed_everything(args.seed)
@@ -272,31 +352,86 @@ def main(args):
     loaders = {name: torch.utils.data.DataLoader(core.shard(data), 2 * args.bs, shuffle=False, num_workers=args.workers,
                                                  pin_memory=device.type == "cuda")
                for name, data in (("val", val_set), ("test", test_set)) if data is not None}
-
     backbone = list(model.backbone.parameters())
     ids = {id(p) for p in backbone}
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
-    steps = core.steps_per_epoch(train_set, args)
+    passes = core.head_schedule(args.T, args.method == "fm" and args.mode == "sequential")
+    steps = core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
     if core.is_main():  # once data and model are built, so a bad input stops with its error line alone
         print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+        print(f"{args.method} fine-tuning {args.model} ({model.backbone.source}) on {args.dataset}: T={args.T} "
+              f"mode={args.mode} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
+    ks = core.topk_for(num_classes)
+    evaluate = {name: functools.partial(core.evaluate_classifier, loader=loader, device=device, seed=args.seed,
+                                        amp=args.amp, ks=ks) for name, loader in loaders.items()}
+    extra = {"num_classes": num_classes, "weights": model.backbone.source}
+    return run(args, model, optimizer, scheduler, None, train_set, passes,
+               functools.partial(train_step, args=args, device=device), evaluate, extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: resume, epochs, evaluation, log, checkpoint (the same text in every script)
+# ----------------------------------------------------------------------------------------------
+def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluate, extra, **engine):
+    """Train args.epochs epochs with core.train_one_epoch; per epoch evaluate["val"] (logged as val_*),
+    after the last evaluate["test"] (every epoch with --test-every-epoch), one printed line, one JSON
+    line in the log beside --out, then an atomic checkpoint. SIGTERM: save the position, exit 143."""
+    script = os.path.basename(__file__)
+    try:
+        start, position = core.start_or_resume(args.out, script, vars(args), RESUME_MATCH, args.resume, model,
+                                               optimizer, scheduler, ema)
+    except core.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
+    save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
+                             args=vars(args), **extra)
     if core.is_main():
-        print(f"{args.method} fine-tuning {args.model} ({model.backbone.source}) on {args.dataset}: T={args.T} mode={args.mode} "
-              f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M device={device}")
-    arch = ("final", "method", "model", "T", "dataset", "img_size", "patch", "depth", "feat_norm", "no_guard")
-
-    def evaluate(split):  # validation every epoch, test at the end (core.fit); None without that split
-        ks = core.topk_for(num_classes)
-        return (lambda m: core.evaluate_classifier(m, loaders[split], device, args.seed, args.amp, ks)) \
-            if split in loaders else None
-
-    return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
-                    lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
-                    evaluate("val"),
-                    lambda r: core.classification_summary(r) + f" peak step memory {r['peak_step_bytes'] / 2**20:.1f} MiB",
-                    extra_state={"num_classes": num_classes, "weights": model.backbone.source},
-                    test=evaluate("test"))
+        print(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} "
+              f"global; {core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps "
+              f"per epoch")
+    peak, record, epoch = None, None, start
+    with core.Preemption() as preempt:
+        for epoch in range(start, args.epochs):
+            resume = position if position and position["epoch"] == epoch else None
+            t0 = time.time() - (resume["elapsed"] if resume else 0.0)
+            try:
+                losses, peak = core.train_one_epoch(
+                    model, step, passes, optimizer, scheduler, train_set, epoch, bs=args.bs, seed=args.seed,
+                    clip=args.clip, max_steps=args.max_steps, workers=args.workers, forward=forward,
+                    local_params=local, ema=ema, preempt=preempt, resume=resume, peak=peak, epochs=args.epochs,
+                    **engine)
+            except core.Preempted as stop:  # the step is done: save the position inside the epoch, exit
+                save(epoch - 1, stop.position)
+                if core.is_main():
+                    print(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
+                          f"continue with --resume", flush=True)
+                sys.exit(core.Preemption.EXIT_CODE)
+            except core.NonFiniteLoss as e:
+                sys.exit(f"error: {e} at epoch {epoch + 1} step {e.step}; the last good checkpoint {args.out} "
+                         f"is untouched")
+            except core.DataError as e:
+                sys.exit(f"error: {e}")
+            test_now = epoch + 1 == args.epochs or args.test_every_epoch
+            try:
+                metrics = core.evaluate_run(model, ema, evaluate.get("val"), evaluate.get("test") if test_now else None)
+            except core.DataError as e:
+                sys.exit(f"error: {e}")
+            record = {"epoch": epoch + 1, **losses, **metrics, "lr": scheduler.get_last_lr()[0],
+                      "time": time.time() - t0, "peak_step_bytes": peak, "global_batch": args.bs * core.world_size()}
+            if core.world_size() > 1:
+                record["replica_max_diff"] = core.replica_difference(model)
+            if core.is_main():
+                print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
+                with open(core.log_path(args.out), "a") as f:  # log first: a kill before the save repeats the epoch
+                    f.write(json.dumps(record) + "\n")
+            save(epoch, None)
+            if preempt.requested():
+                if core.is_main():
+                    print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
+                sys.exit(core.Preemption.EXIT_CODE)
+    return record
 
 
 if __name__ == "__main__":

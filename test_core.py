@@ -7,6 +7,7 @@ end-to-end runs of the scripts on the offline digits data, resume, and user-erro
 import copy
 import os
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_gradient_locality_head_k_touches_no_other_head():
 def test_blockwise_backbone_gradient_equals_joint_backward(guard):
     model = tiny_classifier(T=5, guard=guard, dtype=torch.float64)
     x, y = batch(dtype=torch.float64)
-    loss_fn = lambda k, f: model.head_loss(k, f, y, time_split=False)  # noqa: E731
+    loss_fn = lambda k, f: model.head_loss(k, f, y)  # noqa: E731
 
     torch.manual_seed(7)
     core.blockwise_backward(model.backbone(x), range(5), loss_fn)
@@ -190,7 +191,7 @@ def test_evaluation_does_not_depend_on_batch_size():
     model = tiny_classifier(T=3)
     x, y = batch(37)
     data = core.WithIndex(torch.utils.data.TensorDataset(x, y))
-    results = [core.evaluate_flow(model, torch.utils.data.DataLoader(data, bs), torch.device("cpu"))
+    results = [core.evaluate_classifier(model, torch.utils.data.DataLoader(data, bs), torch.device("cpu"))
                for bs in (5, 37)]
     assert results[0] == results[1]
 
@@ -263,7 +264,7 @@ def test_sequential_schedule_changes_only_head_k_and_shared_parts():
         before = copy.deepcopy(model.state_dict())
         for _ in range(2):
             optimizer.zero_grad(set_to_none=True)
-            train_cls_cnn.train_step(model, x, y, [k], args, torch.device("cpu"))
+            train_cls_cnn.train_step(model, None, (x, y, None), [k], None, args, torch.device("cpu"))
             core.clip_and_step(optimizer, model.parameters(), 1.0)
         after = model.state_dict()
         changed = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("heads.") else "")
@@ -404,7 +405,7 @@ def test_mnist_files_under_data_are_read_through_torchvision_offline(tmp_path, m
             "--epochs", "1", "--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "m.pt")]
     record = train_cls_cnn.main(parse(train_cls_cnn, argv))
     assert 0 <= record["acc_ensemble"] <= 1
-    train, val, test, classes = core.classification_data("mnist", str(tmp_path), download=False)
+    train, val, test, classes = cls_split(train_cls_cnn, "mnist", str(tmp_path))
     assert (len(train) + len(val), len(val), len(test), classes) == (len(ytr), round(0.1 * len(ytr)), len(yte), 10)
 
 
@@ -486,24 +487,6 @@ def test_ot_coupling_puts_each_object_in_its_nearest_slot():
     torch.testing.assert_close(z1_out[0], z1[0, [1, 0, 2]])
 
 
-def test_anchor_coupling_gives_each_object_its_nearest_point_whatever_the_annotation_order():
-    anchors = det.anchor_points(4)
-    assert anchors.shape == (4, 2) and 0 <= anchors.min() and anchors.max() <= 1
-    assert torch.cdist(anchors, anchors).add(torch.eye(4)).min() > 0.3  # spread out, not clumped
-    # object a sits on anchor 2, object b on anchor 0; class 3 = background
-    boxes = torch.zeros(1, 4, 4)
-    boxes[0, 0, :2], boxes[0, 1, :2] = anchors[2], anchors[0]
-    boxes[0, :2, 2:] = 0.1
-    classes = torch.tensor([[1, 2, 3, 3]])
-    z1 = torch.arange(4.0).view(1, 4, 1)
-    cls, z, b = det.anchor_coupling(z1, classes, boxes, anchors, num_classes=3)
-    assert cls.tolist() == [[2, 3, 1, 3]]
-    assert z[0, :, 0].tolist()[0] == 1 and z[0, 2, 0] == 0  # the latents moved with their objects
-    torch.testing.assert_close(b[0, 2], boxes[0, 0])
-    swapped = det.anchor_coupling(z1[:, [1, 0, 2, 3]], classes[:, [1, 0, 2, 3]], boxes[:, [1, 0, 2, 3]], anchors, 3)
-    assert swapped[0].tolist() == cls.tolist()  # the image decides, not the annotation order
-
-
 def test_set_loss_on_fixed_slots_equals_the_hungarian_loss_when_the_matching_agrees():
     gt = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])
     targets = [{"labels": torch.tensor([0, 1]), "boxes_norm": gt}]
@@ -518,50 +501,33 @@ def test_set_loss_on_fixed_slots_equals_the_hungarian_loss_when_the_matching_agr
     assert wrong > fixed + 1  # a fixed assignment is not re-matched
 
 
-def test_endpoint_parametrisation_decodes_the_block_output_exactly():
+def test_refine_parametrisation_corrects_the_least_squares_guess_and_the_block_reads_it():
     args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "2",
-                       "--predict", "endpoint", "--coupling", "anchor"])
-    model = det.build_model(args, 3).eval()
-    z, memory, t = torch.randn(2, 4, 32), [torch.randn(2, 5, 32)], torch.tensor([0.3, 0.9])
-    out = model.heads[1](z, memory[0], t, model.query())
-    v = model.velocity(1, z, memory, t)
-    torch.testing.assert_close(core.endpoint(z, v, t), out, atol=1e-5, rtol=1e-5)
-    assert model.queries is not None and all(h.slot is None for h in model.heads)  # anchor: shared queries
-
-
-def test_skip_parametrisation_adds_the_block_output_to_the_least_squares_guess():
-    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "2",
-                       "--predict", "skip", "--z0-std", "0.1"])
+                       "--predict", "refine", "--z0-std", "0.1"])
     model = det.build_model(args, 3).eval()
     z, memory, t = torch.randn(2, 4, 32), [torch.randn(2, 5, 32)], torch.tensor([0.0, 0.25])
-    out = model.heads[1](z, memory[0], t, model.query())
+    c = torch.tensor([0.0, 0.25 / (0.25 ** 2 + 0.75 ** 2 * 0.1 ** 2)]).view(2, 1, 1)
+    out = model.heads[1](c * z, memory[0], t, model.queries)  # the block reads the guess c z_t
     z1_hat = core.endpoint(z, model.velocity(1, z, memory, t), t)
-    torch.testing.assert_close(z1_hat[0], out[0], atol=1e-5, rtol=1e-5)  # t = 0: the block alone
-    c = 0.25 / (0.25 ** 2 + 0.75 ** 2 * 0.1 ** 2)
-    torch.testing.assert_close(z1_hat[1], c * z[1] + out[1], atol=1e-4, rtol=1e-4)
-    model.predict = "refine"  # the block also reads the guess c z_t instead of z_t
-    out = model.heads[1](c * z[1:], memory[0][1:], t[1:], model.query())
-    z1_hat = core.endpoint(z[1:], model.velocity(1, z[1:], [memory[0][1:]], t[1:]), t[1:])
-    torch.testing.assert_close(z1_hat, c * z[1:] + out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z1_hat, c * z + out, atol=1e-4, rtol=1e-4)  # t = 0: the block alone
     gen = torch.Generator().manual_seed(0)  # c is the least-squares coefficient of z1 on z_t
     z1, z0 = torch.randn(400000, generator=gen), 0.1 * torch.randn(400000, generator=gen)
     zt = 0.25 * z1 + 0.75 * z0
-    assert abs((zt * z1).mean() / (zt * zt).mean() - c) < 0.03
+    assert abs((zt * z1).mean() / (zt * zt).mean() - c[1].item()) < 0.03
 
 
 def test_euler_train_path_starts_block_k_where_inference_does_and_keeps_gradients_local():
     args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "3",
-                       "--coupling", "anchor", "--predict", "endpoint", "--train-path", "euler", "--dropout", "0"])
+                       "--coupling", "index", "--predict", "refine", "--train-path", "euler", "--dropout", "0"])
     model = det.build_model(args, 3)
     x, index, key = torch.randn(2, 3, 32, 32), torch.tensor([5, 9]), (0, 0, 0)
     targets = [{"labels": torch.tensor([0]), "boxes_norm": torch.tensor([[0.3, 0.3, 0.2, 0.2]])},
                {"labels": torch.tensor([1, 2]), "boxes_norm": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.7, 0.2, 0.1, 0.1]])}]
-    seen = {}
-    hooks = [model.heads[k].register_forward_pre_hook(lambda m, inp, k=k: seen.update({k: inp[0].clone()}))
-             for k in range(3)]
-    det.train_step(model, x, targets, [0, 1, 2], args, torch.device("cpu"), index=index, noise_key=key)
-    for h in hooks:
-        h.remove()
+    seen = {}  # the latent each block's velocity is asked for (the block itself reads c_skip(t) z_t)
+    velocity = model.velocity
+    model.velocity = lambda k, z, feats, t: (seen.update({k: z.clone()}), velocity(k, z, feats, t))[1]
+    det.train_step(model, None, (x, targets, index), [0, 1, 2], key, args, torch.device("cpu"))
+    model.velocity = velocity
     feats = model.backbone(x)  # train mode, same batch: the same batch statistics
     z0 = core.train_noise(index, (*key, 0), (4, 32))[0] * args.z0_std  # minivoc: 0.1
     _, path = core.integrate(lambda k, z, t: model.velocity(k, z, feats, t), z0, 3, return_path=True)
@@ -571,7 +537,7 @@ def test_euler_train_path_starts_block_k_where_inference_does_and_keeps_gradient
     classes, boxes = torch.tensor([[0, 3, 3, 3], [1, 2, 3, 3]]), torch.rand(2, 4, 4)
     z1 = model.targets(classes, boxes)
     mse, z1_hat, _, _ = det.euler_path_loss(model, 2, feats, path[1], z1, classes, boxes)
-    torch.testing.assert_close(mse, (z1_hat - z1).pow(2).mean())  # endpoint: the error of z1_hat itself
+    torch.testing.assert_close(mse, (z1_hat - z1).pow(2).mean())  # refine: the error of z1_hat itself
     (mse + z1_hat.sum()).backward()
     assert all(p.grad is None for j in (0, 1) for p in model.heads[j].parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads[2].parameters())
@@ -587,50 +553,6 @@ def test_match_coupling_on_a_prediction_moves_each_target_to_the_slot_that_found
     c, z, b = det.reorder_slots(det.slot_matches(logits, pred, classes, boxes, 2), classes, 2, z1, boxes)
     assert z[0, :, 0].tolist() == [12, 11, 10] and c[0].tolist() == [2, 1, 0]
     torch.testing.assert_close(b, pred)
-
-
-def test_detached_bp_layers_learn_from_their_own_loss_only():
-    args = parse(det, ["--dataset", "minivoc", "--method", "bp", "--dim", "32", "--ffn", "32", "--slots", "4",
-                       "--T", "2", "--detach-layers"])
-    model = det.build_model(args, 3)
-    outs = model(torch.randn(2, 3, 32, 32), every_layer=True)
-    outs[1][1].sum().backward()  # the second layer's boxes
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.layers[0].parameters())
-    assert model.queries.grad is None or model.queries.grad.abs().sum() == 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.layers[1].parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())  # memory
-
-
-def test_sine_box_embedding_adds_the_centre_code_of_the_memory_positions():
-    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--box-embed", "sine"])
-    model = det.build_model(args, 3)
-    classes, boxes = torch.tensor([[0, 3]]), torch.tensor([[[0.25, 0.75, 0.1, 0.2], [0.0, 0.0, 0.0, 0.0]]])
-    plain = model.w_class(classes) + model.w_box(boxes)
-    code = det.sine_position(2, 2, 32, "cpu")[2]  # grid cell (x 0.25, y 0.75) of a 2 x 2 memory
-    torch.testing.assert_close(model.targets(classes, boxes)[0, 0] - plain[0, 0], code)
-
-
-def test_box_query_adds_the_position_code_of_the_estimates_box_centre():
-    args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "4", "--T", "2",
-                       "--box-query", "--dropout", "0"])
-    model = det.build_model(args, 3).eval()
-    with torch.no_grad():  # a box head that reads the centre straight off coordinates 0 and 1
-        model.box_head.weight.zero_(), model.box_head.bias.zero_()
-        model.box_head.weight[0, 0] = model.box_head.weight[1, 1] = 1.0
-    z = torch.zeros(1, 4, 32)
-    z[0, 0, :2] = torch.logit(torch.tensor([0.25, 0.75]))  # slot 0 decodes to centre (0.25, 0.75)
-    code = det.sine_position(2, 2, 32, "cpu")[2]  # grid cell (x 0.25, y 0.75) of a 2 x 2 memory
-    torch.testing.assert_close(model.query(z)[0, 0] - model.queries[0], code)
-    middle = det.sine_encoding(torch.tensor([[0.5, 0.5]]), 32)[0]  # the other slots decode to the centre
-    torch.testing.assert_close(model.query(z)[0, 1] - model.queries[1], middle)
-    assert model.query(z).requires_grad and model.box_head.weight.grad is None
-    memory, t = [torch.randn(1, 5, 32)], torch.tensor([0.5])
-    model.predict = "refine"  # the block reads the guess c z_t, and the query of the guess's boxes
-    guess = model.skip(t) * z
-    out = model.heads[1](guess, memory[0], t, model.query(guess))
-    torch.testing.assert_close(core.endpoint(z, model.velocity(1, z, memory, t), t), guess + out, atol=1e-5, rtol=1e-5)
-    model.box_query = False  # without the flag the block reads the same latent code only
-    torch.testing.assert_close(model.query(z), model.queries)
 
 
 def test_batched_matching_equals_matching_each_image_alone():
@@ -793,7 +715,7 @@ def test_tiny_backbone_digits_pretraining(tmp_path):
     assert set(state) == set(det.build_tiny(8)[0].state_dict())  # the trunk's keys only, no classifier
     trunk, channels = det.build_resnet("tiny", path, stride=8)
     assert channels == 128 and all(torch.equal(trunk.state_dict()[k], v) for k, v in state.items())
-    with pytest.raises(det.WeightsError, match="does not fit tiny"):
+    with pytest.raises(core.WeightsError, match="does not fit tiny"):
         det.build_resnet("tiny", path, stride=16)
     args = parse(det, ["--dataset", "minivoc"])
     assert not args.no_pretrained and args.weights is None  # main() fills in the cached digits weights
@@ -1193,8 +1115,8 @@ def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, 
     case(det, SMALL_DET + ["--data", data, "--max-steps", "3", "--bs", "2", "--out", str(tmp_path / "d.pt")],
          "unreadable image", jpg)  # 6 training images (2 go to validation): every one read
     case(det, SMALL_DET + ["--data", data, "--crop", "1.5", "--out", str(tmp_path / "d.pt")], "--crop", "1.5")
-    case(det, SMALL_DET + ["--data", data, "--method", "bp", "--box-query", "--out", str(tmp_path / "d.pt")],
-         "--box-query")
+    case(det, SMALL_DET + ["--data", data, "--predict", "refine", "--z0-std", "0", "--out", str(tmp_path / "d.pt")],
+         "--predict refine needs noise")
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "r18.pth")
     case(det, [a for a in SMALL_DET if a != "--no-pretrained"] + ["--data", data, "--weights", str(tmp_path / "r18.pth"),
                                                                  "--out", str(tmp_path / "d.pt")], "does not fit", "missing")
@@ -1211,7 +1133,6 @@ def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, 
     case(det, SMALL_DET + ["--method", "bp", "--mode", "sequential", "--out", out], "does not apply to --method bp")
     case(train_cls_cnn, cnn + ["--method", "bp", "--time-split"], "does not apply to --method bp")
     case(train_cls_cnn, cnn + ["--bs", "0"], "--bs must be at least 1")
-    case(det, SMALL_DET + ["--train-path", "euler", "--t-dist", "zero", "--out", out], "do not apply")
     print("\n".join(cases))  # pytest -s shows the messages (quoted in the README)
 
 
@@ -1310,7 +1231,7 @@ def test_every_paper_setup_builds_trains_and_evaluates(module, dataset, extra, c
     size = args.img_size or model.backbone.img_size
     x, y, index = torch.randn(2, in_ch, size, size), torch.tensor([0, classes - 1]), torch.arange(2)
     heads = [0] if args.mode == "sequential" else list(range(args.T))
-    losses = module.train_step(model, x, y, heads, args, torch.device("cpu"), None, index, (0, 0, 0))
+    losses = module.train_step(model, None, (x, y, index), heads, (0, 0, 0), args, torch.device("cpu"))
     assert np.isfinite(losses["loss"])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
     metrics = core.evaluate_classifier(model, [(x, y, index)], torch.device("cpu"), 0, False, core.topk_for(classes))
@@ -1336,7 +1257,7 @@ def test_voc_paper_setup_builds_trains_and_evaluates(method):
                 "boxes": torch.tensor([[90.0, 90.0, 218.0, 218.0]]), "difficult": torch.tensor([False]),
                 "size": torch.tensor([256, 256])}]
     blocks = [0] if args.mode == "sequential" else list(range(args.T))
-    losses = det.train_step(model, x, targets, blocks, args, torch.device("cpu"), None, torch.arange(2), (0, 0, 0))
+    losses = det.train_step(model, None, (x, targets, torch.arange(2)), blocks, (0, 0, 0), args, torch.device("cpu"))
     assert np.isfinite(losses["loss"])
     metrics = det.evaluate(model, [(x, targets, torch.arange(2))], args, torch.device("cpu"), len(det.VOC_CLASSES))
     assert 0 <= metrics["map50"] <= 1
@@ -1405,6 +1326,18 @@ def write_image_tree(root, classes, per_class, seed=0):
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(os.path.join(root, c, f"{c}_{i}.jpg"))
 
 
+def cls_split(module, dataset, root, final=False):
+    """A classification script's (train, val, test, num_classes) for `dataset`, unwrapped from the index
+    and augmentation-seed wrappers: train and val are Subsets of the training data (val None with --final)."""
+    args = parse(module, ["--dataset", dataset, "--data", root] + (["--final"] if final else []))
+    if module is finetune_vit:
+        out = module.build_data(args, types.SimpleNamespace(img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3))
+    else:
+        out = module.build_data(args)
+    train, val, test, classes = out[:4]
+    return train.dataset.dataset, val.dataset if val is not None else None, test.dataset, classes
+
+
 def carved(train, val, size):
     """The train / val Subsets: disjoint indices into the same training data, together all of it."""
     keep, held = set(train.indices), set(val.indices)
@@ -1413,10 +1346,12 @@ def carved(train, val, size):
 
 
 def test_validation_is_carved_from_train_and_disjoint_from_test(tmp_path):
-    train, val, test, _ = core.classification_data("digits", "unused")
-    carved(train, val, 1437)
-    assert len(val) == round(0.2 * 1437) and len(test) == 360  # test: the held-out 20% of scikit-learn's digits
-    assert core.classification_data("digits", "unused", val=False)[1] is None
+    for module in (train_cls_cnn, train_cls_vit, finetune_vit):
+        train, val, test, _ = cls_split(module, "digits", "unused")
+        carved(train, val, 1437)
+        assert len(val) == round(0.2 * 1437) and len(test) == 360  # test: the held-out 20% of the digits
+        final = cls_split(module, "digits", "unused", final=True)
+        assert final[1] is None and len(final[0]) == 1437
     # the same fixed carve-out in every run and every process
     assert core.validation_indices(1000) == core.validation_indices(1000) and len(core.validation_indices(1000)[1]) == 100
     assert len(core.validation_indices(100_000)[1]) == 5000  # at most 5,000
@@ -1427,10 +1362,10 @@ def test_validation_is_carved_from_train_and_disjoint_from_test(tmp_path):
     for prefix, x, y in (("train", xtr, ytr), ("t10k", xte, yte)):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", (x[:, 0].numpy() * 255).repeat(3, 1).repeat(3, 2)[:, :28, :28])
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", y.numpy())
-    train, val, test, _ = core.classification_data("mnist", str(tmp_path), download=False)
+    train, val, test, _ = cls_split(train_cls_vit, "mnist", str(tmp_path))
     carved(train, val, len(ytr))
     assert train.dataset.train and val.dataset.train and not test.train
-    assert val.dataset.transform is None and val.dataset is not train.dataset  # own reader (test transform)
+    assert val.dataset.transform is not train.dataset.transform  # the same items read with the test transform
     # TinyImageNet: val carved from train/, test = its val/ folder
     base = tmp_path / "tiny-imagenet-200"
     write_image_tree(str(base / "train"), ["n01", "n02"], 10)
@@ -1443,12 +1378,12 @@ def test_validation_is_carved_from_train_and_disjoint_from_test(tmp_path):
     write_image_tree(str(base / "val"), ["images"], 4)
     with open(base / "val" / "val_annotations.txt", "w") as f:
         f.writelines(f"images_{i}.jpg\tn0{1 + i % 2}\t0\t0\t8\t8\n" for i in range(4))
-    train, val, test, classes = core.classification_data("tinyimagenet", str(tmp_path))
+    train, val, test, classes = cls_split(train_cls_cnn, "tinyimagenet", str(tmp_path))
     carved(train, val, 20)
     assert classes == 2 and len(test) == 4 and all("/val/" in p for p, _ in test.samples)
     # ImageNet-R: test is 20% of the tree, val is carved from the other 80%
     write_image_tree(str(tmp_path / "imagenet-r"), ["a", "b"], 25)
-    train, val, test, _ = core.classification_data("imagenet-r", str(tmp_path))
+    train, val, test, _ = cls_split(finetune_vit, "imagenet-r", str(tmp_path))
     outer_train, outer_test = set(train.dataset.indices), set(test.indices)
     assert not outer_train & outer_test and len(outer_train | outer_test) == 50
     carved(train, val, 40)
@@ -1476,10 +1411,10 @@ def test_detection_validation_comes_from_trainval_or_voc_val(tmp_path):
 
 @pytest.mark.parametrize("argv,expected", [
     ([], dict(recipe="dfm", coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1,
-              z0_infer="mean", assign="coupling", mode="sequential")),
+              z0_infer="mean", mode="sequential")),
     (["--recipe", "paper"], dict(coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0,
-                                 z0_infer="noise", assign="hungarian")),
-    (["--recipe", "paper", "--coupling", "ot"], dict(coupling="ot", queries="block", assign="hungarian")),
+                                 z0_infer="noise")),
+    (["--recipe", "paper", "--coupling", "ot"], dict(coupling="ot", queries="block")),
     (["--dataset", "minivoc", "--recipe", "paper"], dict(coupling="index", backbone="tiny", slots=10)),
 ])
 def test_detection_recipe_is_the_default_formulation_and_paper_is_one_flag(argv, expected):
@@ -1505,7 +1440,7 @@ def test_euler_training_states_are_the_states_inference_visits_with_dropout_off(
 def test_an_image_with_more_objects_than_slots_takes_the_hungarian_loss_over_all_of_them(monkeypatch):
     args = parse(det, ["--dataset", "minivoc", "--dim", "32", "--ffn", "32", "--slots", "2", "--T", "2",
                        "--no-pretrained"])
-    assert args.assign == "coupling"
+    assert (args.coupling, args.train_path) == ("match", "euler")  # the set loss on the coupling's slot targets
     model = det.build_model(args, 3)
     calls = []
     real = det.detection_loss
@@ -1514,7 +1449,7 @@ def test_an_image_with_more_objects_than_slots_takes_the_hungarian_loss_over_all
     two = [{"labels": torch.tensor([0, 1]), "boxes_norm": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.2, 0.2]])}]
     three = [{"labels": torch.tensor([0, 1, 2]), "boxes_norm": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.2, 0.2],
                                                                           [0.8, 0.2, 0.1, 0.1]])}]
-    det.train_step(model, x, two, [0, 1], args, torch.device("cpu"))
+    det.train_step(model, None, (x, two, None), [0, 1], None, args, torch.device("cpu"))
     assert not calls  # within M: the coupling's slots are the matching
-    det.train_step(model, x, three, [0, 1], args, torch.device("cpu"))
+    det.train_step(model, None, (x, three, None), [0, 1], None, args, torch.device("cpu"))
     assert len(calls) == 2  # one per block

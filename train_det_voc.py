@@ -1,67 +1,52 @@
 """DFM object detection on PASCAL VOC 2007 (paper Sections 3.1.1, 5.1, A.1.2, A.3.3-A.3.4, D.1).
 
-Setup (paper defaults): torchvision ResNet-50 with ImageNet weights, features projected to d = 128
-by a 1x1 conv, flattened with a 2-D sine positional encoding into an image memory. M = 20 query
-slots; the target of slot j is z1_j = W_class[c_j] + W_box b_j (b_j normalised cx, cy, w, h; empty
-slots get the background class C and a zero box). T flow blocks, each a transformer decoder layer
-(self-attention over slots, cross-attention to the memory, FFN, LayerNorm only, 4 heads) conditioned
-on time, predict the velocity of all M slots. Shared linear class head (C + 1 logits) and box head
-(sigmoid cxcywh) decode any latent. Loss of block k: Hungarian matching on the decoded
-z1_hat = z_t + (1 - t) v (costs: class 1, L1 5, GIoU 2), CE with no-object weight 0.1, L1 x 5,
-GIoU x 2, plus 0.1 x flow MSE. 256x256 input, 50 epochs, batch 16, AdamW wd 1e-4, lr 1e-4 (blocks)
-and 1e-5 (backbone), both x0.1 at epoch 20, clipping 1.0. Inference: Euler over T steps, decode,
-drop no-object, scores >= 0.05, per-class NMS, boxes in original pixels; mAP@0.5 with the VOC07
-11-point devkit rules (`voc_eval`).
+Result (offline minivoc quickstart, 2-core CPU, 240 test canvases, seeds 0-2, choices made on the
+validation split): fm map50 0.661 (0.649-0.669), bp 0.713 (0.700-0.723), 0.926x; 12-20 min per run
+with four jobs on the two cores.
+    python train_det_voc.py --dataset minivoc [--method bp] --out runs/det_fm.pt
 
-Departures from D.1 on VOC, each with the flag that gives the paper's reading: the collapse guard is
-on (the flow MSE sees W_class, W_box through a stop-gradient; the paper trains them on the total
-loss: --no-guard); a horizontal flip with probability 0.5 in training (not in D.1: --hflip 0); each
-block adds its own learnable slot embedding to z_t (D.1 describes none: --queries none).
+Setup (paper D.1): torchvision ResNet-50 with ImageNet weights, features projected to d = 128 by a 1x1
+conv, flattened with a 2-D sine position code into an image memory. M = 20 slots; slot j's target is
+z1_j = W_class[c_j] + W_box b_j (b_j normalised cxcywh; empty slots: background class C, zero box).
+T flow blocks, each a transformer decoder layer (self-attention over slots, cross-attention to the
+memory, FFN, LayerNorm only, 4 heads) conditioned on t, predict the velocity of all M slots; shared
+linear class (C + 1) and box (sigmoid cxcywh) heads decode any latent. Block k's loss: Hungarian
+matching of the decoded z1_hat = z_t + (1 - t) v (class 1, L1 5, GIoU 2), CE with no-object weight
+0.1, L1 x 5, GIoU x 2, plus 0.1 x flow MSE. 256 px, 50 epochs, batch 16, AdamW wd 1e-4, lr 1e-4
+(blocks) and 1e-5 (backbone), x0.1 at epoch 20, clipping 1.0. Inference: Euler over T steps, decode,
+drop no-object, scores >= 0.05, per-class NMS; mAP@0.5 with the VOC07 11-point devkit rules.
 
---method bp: the paper's baseline: the same backbone and a 4-layer DETR-style decoder (learned
-queries) of the same width, trained end to end with the same matching loss, applied after every
-decoder layer as in DETR (auxiliary losses; --no-aux-loss for the last layer only).
+--recipe dfm (default) / paper: the flow formulation. 'paper' is the literal reading (objects in
+annotation order, per-block slot queries, velocity output, the straight-line path, z0 ~ N(0, I),
+Euler from a noise draw); it scored map50 0.036 on minivoc's validation split, against 0.663 for
+'dfm': --coupling match (each object goes to the slot whose own prediction Hungarian-matches it),
+--queries shared, --predict refine (the block corrects c_skip(t) z_t, the least-squares guess of z1),
+--train-path euler (block k trains on the Euler state that blocks 0..k-1 reach at t = k/T, where
+inference uses it), --z0-std 0.1, --z0-infer mean (Euler from z0 = 0). Each part has its own flag.
 
-Slot coupling (--coupling): with random z0 the object-to-slot assignment is arbitrary. 'index' keeps
-annotation order; 'ot' assigns objects to the slots whose noise is closest (min-cost matching of z0
-to the object embeddings), so each slot's straight path is short; 'match' gives each object to the
-slot whose own prediction Hungarian-matches it; 'anchor' to fixed reference points, one per slot.
+Other departures from D.1, with the flag for the paper's reading: the collapse guard is on (the flow
+MSE sees W_class, W_box through a stop-gradient: --no-guard); a horizontal flip with probability 0.5
+(--hflip 0); under --recipe paper each block adds its own learnable slot embedding (--queries none).
+Images with more than M objects keep the first M as flow targets; the Hungarian loss matches among
+all of them, and L1 / GIoU are divided by every box of the batch, as DETR's.
 
-Beyond the paper (flags; README "Detection on minivoc" has the measurements behind each):
---queries shared (one set of N(0, 1) slot queries for all blocks, so slot j means the same to every
-block), --predict endpoint (the block outputs z1_hat, v = (z1_hat - z_t) / (1 - t)), --predict skip
-(z1_hat = c_skip(t) z_t + the block's output: it corrects the least-squares guess of z1 from z_t),
---predict refine (the same, and the block reads that guess), --train-path euler (block k trains on
-the Euler state blocks 0..k-1 reach at t = k/T, where inference uses it; --euler-paths shared draws
-one trajectory per batch for all blocks), --assign coupling (the detection loss on the coupling's
-slots instead of a fresh Hungarian match), --box-embed sine, --box-query (each slot's query adds the
-sine code of the centre its running estimate decodes to), --t-dist, --z0-std, --flow-weight;
-for bp, --detach-layers (greedy layer-wise training).
+--method bp: the same backbone and a 4-layer DETR-style decoder (learned queries) of the same width,
+trained end to end with the matching loss after every layer (DETR's auxiliary losses; --no-aux-loss).
 
-Images with more than M objects: the flow targets z1 (and --assign coupling's slot targets) keep
-the first M in annotation order (a message counts such images once per run); the Hungarian loss
-matches the M slots among all of the image's objects, and L1 / GIoU are divided by every box of
-the batch, as DETR's. Evaluation always uses every ground-truth box.
-
-Offline quickstart (minivoc: real scikit-learn digits pasted onto cluttered canvases, written in the
-real VOC on-disk format under --data and read by the same loader as VOC 2007):
-    python train_det_voc.py --dataset minivoc --out runs/det_fm.pt
-minivoc is not a paper setup; its defaults are sized for a 2-core CPU: --backbone tiny (a 3-stage
-CNN, memory at stride 8), 64 px input, M = 10 slots, batch 8, lr 5e-4 for every parameter, 40
-epochs with the lr drop at 32, parallel schedule, no horizontal flip (a mirrored digit is another
-glyph) but a random crop that keeps every box whole (--crop 0.6: scale, aspect and shift jitter).
-In place of ImageNet weights the tiny trunk is pretrained once on digit classification
-(the train digits only; pretrain_tiny, cached under --data; --no-pretrained for random init). fm
-on minivoc defaults to the best recipe measured (--coupling match --queries shared --predict refine
---train-path euler --z0-std 0.1); VOC keeps the paper's (index, per-block queries, velocity,
-straight-line path, z0 std 1), and Euler from z0 = 0, the noise's mean (--z0-infer mean; VOC: a
-noise draw, the paper). Measured on a 2-core CPU, one core per job, seeds 0-5: fm map50 0.674-0.714
-in 12-14 min, --method bp 0.734-0.765 in 9 min, 0.91-0.94x per seed (README.md).
+minivoc (not a paper setup): scikit-learn's digits pasted onto cluttered canvases, written once in
+the real VOC layout under --data and read by the same loader. Its defaults suit a 2-core CPU:
+--backbone tiny (3 conv stages, memory at stride 8) pretrained once on digit classification (train
+digits only; cached under --data), 64 px, M = 10, batch 8, lr 5e-4 everywhere, 40 epochs (lr drop at
+32), parallel schedule, no flip (a mirrored digit is another glyph) but --crop 0.6, a random crop
+that keeps every box whole. Measurements: docs/research_notes.md.
 """
 import argparse
+import functools
+import json
 import math
 import os
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -91,7 +76,6 @@ def get_args_parser(add_help=True):
     p.add_argument("--dataset", default="voc2007", choices=["voc2007", "minivoc"],
                    help="VOC 2007 (trainval / test), or the offline digits-on-canvas set in VOC format")
     p.add_argument("--data", default="data", help="root holding VOCdevkit/ (downloaded / written there)")
-    p.add_argument("--img-size", type=int, default=None, help="square input size (paper 256; minivoc 64)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (VOC 2; minivoc 0)")
     p.add_argument("--hflip", type=float, default=None,
                    help="probability of the training horizontal flip (VOC 0.5; minivoc 0: a mirrored digit is "
@@ -107,66 +91,48 @@ def get_args_parser(add_help=True):
                         "line, z0 ~ N(0, I), noise start); each part can be overridden by its own flag")
     p.add_argument("--mode", default=None, choices=["parallel", "sequential"],
                    help="schedule: Algorithm 1 (a full pass per block) or every batch trains all blocks")
-    p.add_argument("--T", type=int, default=4, help="flow blocks (bp: decoder layers)")
-    p.add_argument("--coupling", default=None, choices=["index", "ot", "match", "anchor"],
-                   help="object-to-slot assignment of the flow path: annotation order, nearest noise (OT), the "
-                        "block's own t=0 prediction (match), or fixed reference points (anchor)")
-    p.add_argument("--assign", default=None, choices=["hungarian", "coupling"],
-                   help="detection loss: fresh Hungarian matching of z1_hat (paper), or the coupling's slot "
-                        "targets (default for --coupling anchor, and for match on the Euler path, where both are the "
-                        "Hungarian matching of z1_hat)")
     p.add_argument("--train-path", default=None, choices=["line", "euler"],
                    help="where block k trains: z_t on the straight line z0 -> z1 at sampled t (paper), or the "
                         "Euler state that blocks 0..k-1 reach at t = k/T (inference's own path; no gradient "
                         "crosses blocks)")
-    p.add_argument("--euler-paths", default="shared", choices=["shared", "block"],
-                   help="--train-path euler: one Euler trajectory per batch whose states serve every block "
-                        "(T-1 block forwards), or each block its own noise and trajectory (T(T-1)/2 forwards)")
-    p.add_argument("--predict", default=None, choices=["velocity", "endpoint", "skip", "refine"],
-                   help="block output: the velocity v (paper), or the endpoint z1_hat with "
-                        "v = (z1_hat - z_t) / (1 - t); endpoint weights the flow MSE by (1 - t)^2, "
-                        "i.e. it is ||z1_hat - z1||^2; skip: the endpoint as c_skip(t) z_t + f, the best linear "
-                        "guess of z1 from z_t (EDM's c_skip) plus the block's correction; refine: the same, and the "
-                        "block also reads that guess instead of z_t")
-    p.add_argument("--queries", default=None, choices=["block", "shared", "none"],
-                   help="slot queries added to each block's input: its own (init 0.02), one set for all blocks "
-                        "(init N(0, 1), as DETR's), or none (D.1 describes none: slots differ by their z_t only)")
-    p.add_argument("--time-split", action="store_true", help="block k trains on t in [k/T, (k+1)/T) only")
-    p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
-    p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
-                   help="training t: U[0,1] (paper), u^2 (more small t), or 0 (one-step map)")
-    p.add_argument("--z0-std", type=float, default=None, help="std of the noise z0 (paper and VOC: 1; minivoc 0.1)")
     p.add_argument("--z0-infer", default=None, choices=["noise", "mean"],
                    help="inference starts from a noise draw z0 (paper; VOC) or from its mean, z0 = 0 (minivoc); "
                         "fm logs the other as map50_noise / map50_mean")
     p.add_argument("--flow-weight", type=float, default=0.1, help="weight of the flow MSE (paper 0.1)")
-    p.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false",
                    help="bp: only the last decoder layer's matching loss (default: after every layer, as DETR)")
-    p.add_argument("--detach-layers", action="store_true",
-                   help="bp diagnostic: no gradient from one decoder layer into the previous one, so each layer "
-                        "learns from its own auxiliary loss only (greedy layer-wise training with the full "
-                        "hidden state passed on; between bp and fm)")
-    p.add_argument("--box-query", action="store_true",
-                   help="fm: each slot's query adds the sine code of its running estimate's box centre")
-    p.add_argument("--box-embed", default="linear", choices=["linear", "sine"],
-                   help="fm box target: W_box b (eq. 2), or W_box b + the sine encoding of the box centre in the "
-                        "memory's position code, so the latent says where to look to cross-attention")
-    # model
-    p.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "tiny"],
-                   help="torchvision ResNet, or tiny: a small CNN from random init for CPU runs")
-    p.add_argument("--stride", type=int, default=None, choices=[8, 16, 32],
-                   help="memory from layer4 (32, paper), layer3 (16) or layer2 (8); minivoc default 8")
+    # model: a --resume must match these (and --dataset, --method, --final): RESUME_MATCH
+    arch = p.add_argument_group("model")
+    arch.add_argument("--T", type=int, default=4, help="flow blocks (bp: decoder layers)")
+    arch.add_argument("--img-size", type=int, default=None, help="square input size (paper 256; minivoc 64)")
+    arch.add_argument("--coupling", default=None, choices=["index", "ot", "match"],
+                      help="object-to-slot assignment of the flow path: annotation order, nearest noise (OT), or the "
+                           "slot whose own prediction Hungarian-matches the object (match; on the Euler path the "
+                           "detection loss then uses these slot targets, which are that same matching)")
+    arch.add_argument("--predict", default=None, choices=["velocity", "refine"],
+                      help="block output: the velocity v (paper), or refine: the endpoint z1_hat = c_skip(t) z_t + f, "
+                           "the least-squares guess of z1 from z_t (EDM's c_skip) plus the block's correction f, with "
+                           "the block reading that guess; v = (z1_hat - z_t) / (1 - t)")
+    arch.add_argument("--queries", default=None, choices=["block", "shared", "none"],
+                      help="slot queries added to each block's input: its own (init 0.02), one set for all blocks "
+                           "(init N(0, 1), as DETR's), or none (D.1 describes none: slots differ by their z_t only)")
+    arch.add_argument("--z0-std", type=float, default=None, help="std of the noise z0 (paper and VOC: 1; minivoc 0.1)")
+    arch.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
+    arch.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "tiny"],
+                      help="torchvision ResNet, or tiny: a small CNN from random init for CPU runs")
+    arch.add_argument("--stride", type=int, default=None, choices=[8, 16, 32],
+                      help="memory from layer4 (32, paper), layer3 (16) or layer2 (8); minivoc default 8")
+    arch.add_argument("--dim", type=int, default=128, help="d: memory and slot width")
+    arch.add_argument("--slots", type=int, default=None, help="M query slots (paper 20; minivoc 10)")
+    arch.add_argument("--nheads", type=int, default=4, help="attention heads")
+    arch.add_argument("--ffn", type=int, default=512, help="FFN width of each block")
+    # weights of the backbone
     p.add_argument("--weights", default=None,
                    help="local state dict of the backbone: a torchvision ResNet's (offline), or the tiny trunk's")
     p.add_argument("--no-pretrained", action="store_true",
                    help="random init instead of ImageNet weights (tiny on minivoc: instead of its digits pretraining)")
-    p.add_argument("--dim", type=int, default=128, help="d: memory and slot width")
-    p.add_argument("--slots", type=int, default=None, help="M query slots (paper 20; minivoc 10)")
-    p.add_argument("--nheads", type=int, default=4, help="attention heads")
-    p.add_argument("--ffn", type=int, default=512, help="FFN width of each block")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     # optimisation
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 40, lr drop at 32)")
     p.add_argument("--bs", type=int, default=None, help="batch size per process (paper 16; minivoc 8)")
     p.add_argument("--lr", type=float, default=None, help="lr of the blocks, heads and embeddings (paper 1e-4)")
@@ -190,11 +156,11 @@ def get_args_parser(add_help=True):
     p.add_argument("--test-every-epoch", action="store_true",
                    help="log the test metrics every epoch (for curves); default: after the last epoch only")
     # the default dataset's setup and recipe; parse_args applies those the command line asks for
-    p.set_defaults(**SETUPS["voc2007"], **RECIPES["dfm"], assign="coupling")
+    p.set_defaults(**SETUPS["voc2007"], **RECIPES["dfm"])
     return p
 
 
-# per dataset: the paper's D.1 setup on VOC; minivoc is a CPU quickstart (README, "Detection")
+# per dataset: the paper's D.1 setup on VOC; minivoc is a CPU quickstart (module docstring)
 SETUPS = {
     "voc2007": dict(backbone="resnet50", img_size=256, stride=32, slots=20, bs=16, lr=1e-4, lr_backbone=1e-5,
                     epochs=50, lr_drop=20, mode="sequential", workers=2, hflip=0.5, crop=0.0),
@@ -203,7 +169,7 @@ SETUPS = {
 }
 # --recipe: the flow formulation. 'paper' is the literal reading of Sections 3.1.1 / A.1.2 (objects in
 # annotation order, per-block slot queries, velocity output, training on the straight line, z0 ~ N(0, I),
-# Euler from a noise draw); 'dfm' is this project's (README, "Detection on minivoc"): the slot that
+# Euler from a noise draw); 'dfm' is this project's (docs/research_notes.md): the slot that
 # finds an object is its target, shared queries, each block refines the running estimate, blocks
 # train on the Euler states inference visits, small noise, Euler from the noise's mean. fm only.
 RECIPES = {
@@ -216,12 +182,10 @@ RECIPES = {
 
 def parse_args(argv=None):
     """Flags, with the --dataset setup and the --recipe as real argparse defaults. A first pass reads
-    --dataset, --recipe and --method (abbreviations included) and applies them with set_defaults (bp: the parallel
-    schedule, one joint update per batch); a second pass reads the flags other defaults follow: the
-    backbone lr defaults to --lr where the setup has none (minivoc), --assign to 'coupling' where
-    the coupling already is the Hungarian matching of z1_hat (anchor; match on the Euler path), and
-    --queries to shared for the anchor coupling. A flag the user typed always wins; --help shows
-    what the run will use."""
+    --dataset, --recipe and --method (abbreviations included) and applies them with set_defaults (bp: the
+    parallel schedule, one joint update per batch); a second pass reads --lr, which the backbone lr
+    follows where the setup has none (minivoc). A flag the user typed always wins; --help shows what
+    the run will use."""
     first, _ = get_args_parser(add_help=False).parse_known_args(argv)
     defaults = dict(SETUPS[first.dataset], **RECIPES[first.recipe])
     if first.method == "bp":
@@ -231,16 +195,21 @@ def parse_args(argv=None):
     known, _ = second.parse_known_args(argv)
     if defaults["lr_backbone"] is None:
         defaults["lr_backbone"] = known.lr
-    own = known.coupling == "anchor" or (known.coupling == "match" and known.train_path == "euler")
-    defaults["assign"] = "coupling" if own else "hungarian"
-    if known.coupling == "anchor":
-        defaults["queries"] = "shared"  # slot j means anchor j to every block
     parser = get_args_parser()
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.backbone == "tiny" and args.dataset != "minivoc":  # its only pretraining is on digits
         args.no_pretrained = True
     return args
+
+
+# the flags a --resume must match: the parser's model group, and what the data and the method are
+RESUME_MATCH = ("dataset", "method", "final") + tuple(
+    a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
+# flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
+OLD_CHECKPOINTS = {"hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block", "predict": "velocity",
+                   "coupling": "index", "train_path": "line", "z0_std": 1.0, "z0_infer": "noise", "aux_loss": False,
+                   "final": False, "test_every_epoch": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,12 +492,12 @@ def build_data(args):
         write_minivoc(args.data)
     norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     size = (args.img_size, args.img_size)
-    flip = v2.RandomHorizontalFlip(getattr(args, "hflip", 0.5))  # checkpoints from before --hflip: 0.5
-    crop = [CropKeepingBoxes(args.crop)] if getattr(args, "crop", 0) else []  # checkpoints from before --crop: none
+    flip = v2.RandomHorizontalFlip(args.hflip)
+    crop = [CropKeepingBoxes(args.crop)] if args.crop else []
     train_tf = v2.Compose([flip] + crop + [v2.Resize(size, antialias=True)] + norm)
     test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
     download = args.dataset == "voc2007"
-    final = getattr(args, "final", False)
+    final = args.final
     if final or args.dataset == "voc2007":
         train = VOCData(args.data, "trainval" if final else "train", classes, train_tf, download)
         val = None if final else VOCData(args.data, "val", classes, test_tf, download)
@@ -548,10 +517,6 @@ def collate(batch):
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-class WeightsError(RuntimeError):
-    """Backbone weights that cannot be had (offline) or do not fit; one-line message."""
-
-
 def build_tiny(stride):
     """A small CNN for CPU quickstarts (random init only): log2(stride) stages of 3x3 conv with
     stride 2, BatchNorm and ReLU, with 32, 64, 128, 256, 256 channels."""
@@ -621,25 +586,6 @@ def tiny_weights(args):
     return path
 
 
-def load_weights(net, weights_file, name):
-    """Load a local state dict into `net` (a classifier's "fc." keys ignored); WeightsError when it
-    cannot be read or does not fit."""
-    try:
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"cannot read weights file {weights_file} ({type(e).__name__})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{weights_file} holds no state dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise WeightsError(f"{weights_file} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                           f"wrong shape {shapes[:3]}")
-    net.load_state_dict(state, strict=False)
-
-
 def build_resnet(name, weights_file=None, pretrained=True, stride=32):
     """torchvision ResNet trunk with ImageNet weights from torchvision's download, a local state dict
     (--weights), or random init; up to layer4 (stride 32, the paper), layer3 (16) or layer2 (8).
@@ -647,17 +593,17 @@ def build_resnet(name, weights_file=None, pretrained=True, stride=32):
     if name == "tiny":
         trunk, channels = build_tiny(stride)
         if weights_file:
-            load_weights(trunk, weights_file, f"tiny (stride {stride})")
+            core.load_weights(trunk, weights_file, f"tiny (stride {stride})", skip=("fc.",))
         return trunk, channels
     net = getattr(torchvision.models, name)(weights=None)
     if weights_file:
-        load_weights(net, weights_file, name)
+        core.load_weights(net, weights_file, name, skip=("fc.",))
     elif pretrained:
         enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
         try:
             net.load_state_dict(enum.get_state_dict(progress=False))
         except Exception as e:
-            raise WeightsError(f"cannot get ImageNet weights for {name} ({type(e).__name__}: offline?); pass "
+            raise core.WeightsError(f"cannot get ImageNet weights for {name} ({type(e).__name__}: offline?); pass "
                                f"--weights FILE (a torchvision state dict) or --no-pretrained") from None
     drop = {32: 0, 16: 1, 8: 2}[stride]  # layers dropped from the end: layer4, then layer3
     return nn.Sequential(*list(net.children())[:-2 - drop]), net.fc.in_features // 2 ** drop
@@ -716,52 +662,43 @@ class FlowDetector(nn.Module):
     """Backbone memory + T flow blocks + target embeddings (W_class, W_box) + shared decoders.
     queries: [M, d] slot queries shared by every block (--queries shared), or None (each block its own)."""
 
-    def __init__(self, memory, blocks, num_classes, dim, guard=True, queries=None, predict="velocity",
-                 anchors=None, box_embed="linear", z0_std=1.0, box_query=False):
+    def __init__(self, memory, blocks, num_classes, dim, guard=True, queries=None, predict="velocity", z0_std=1.0):
         super().__init__()
         self.backbone, self.heads = memory, nn.ModuleList(blocks)
         self.w_class = nn.Embedding(num_classes + 1, dim)  # index C = background
         self.w_box = nn.Linear(4, dim, bias=False)
         self.class_head, self.box_head = nn.Linear(dim, num_classes + 1), nn.Linear(dim, 4)
         self.queries, self.predict = queries, predict
-        self.register_buffer("anchors", anchors, persistent=False)  # --coupling anchor: [M, 2] points, or None
-        # with anchors, slot j's query also carries the sine encoding of its point, so it looks near it
-        self.register_buffer("anchor_code", None if anchors is None else sine_encoding(anchors, dim), persistent=False)
-        self.num_classes, self.dim, self.guard, self.box_embed = num_classes, dim, guard, box_embed
-        self.z0_std = z0_std  # c_skip of --predict skip / refine
-        self.box_query = box_query  # --box-query: each slot's query carries where its latent's box is
+        self.num_classes, self.dim, self.guard = num_classes, dim, guard
+        self.z0_std = z0_std  # s0: z0 ~ N(0, s0^2 I) (noise), and c_skip of --predict refine
 
     @property
     def T(self):
         return len(self.heads)
 
     def targets(self, classes, boxes):
-        """z1_j = W_class[c_j] + W_box b_j (eq. 2); --box-embed sine adds the sine encoding of the centre
-        (cx, cy), the code the memory's positions carry. classes [B, M], boxes [B, M, 4] -> [B, M, d]."""
-        z1 = self.w_class(classes) + self.w_box(boxes)
-        if self.box_embed == "sine":
-            z1 = z1 + sine_encoding(boxes[..., :2].reshape(-1, 2), self.dim).view_as(z1)
-        return z1
+        """z1_j = W_class[c_j] + W_box b_j (eq. 2). classes [B, M], boxes [B, M, 4] -> [B, M, d]."""
+        return self.w_class(classes) + self.w_box(boxes)
+
+    def noise(self, draw):
+        """z0 = s0 * draw (s0 = --z0-std) for a N(0, I) draw [B, M, d]: the one place z0 is scaled."""
+        return draw * self.z0_std
 
     def decode(self, z):
         """Class logits [B, M, C + 1] and sigmoid cxcywh boxes [B, M, 4] of any latent."""
         return self.class_head(z).float(), self.box_head(z).float().sigmoid()
 
     def velocity(self, k, z, feats, t):
-        """v_k(z_t, t). predict='endpoint': the block's output f is the endpoint z1_hat and
-        v = (f - z_t) / (1 - t), the same field parametrised so that z_t + (1 - t) v = f exactly;
-        'skip': z1_hat = c_skip(t) z_t + f; 'refine': the same with the block reading c_skip(t) z_t."""
-        guess = self.skip(t) * z if self.predict in ("skip", "refine") else None
-        seen = guess if self.predict == "refine" else z
-        out = self.heads[k](seen, feats[0], t, self.query(guess if guess is not None else z))
+        """v_k(z_t, t). predict 'velocity': the block's output; 'refine': the block reads the guess
+        c_skip(t) z_t, its output f corrects it, z1_hat = c_skip(t) z_t + f and v = (z1_hat - z_t) / (1 - t),
+        the same field parametrised so that z_t + (1 - t) v = z1_hat exactly."""
         if self.predict == "velocity":
-            return out
-        if guess is not None:
-            out = guess + out
-        return (out - z) / (1 - t).view(-1, 1, 1)
+            return self.heads[k](z, feats[0], t, self.queries)
+        guess = self.skip(t) * z
+        return (guess + self.heads[k](guess, feats[0], t, self.queries) - z) / (1 - t).view(-1, 1, 1)
 
     def skip(self, t):
-        """--predict skip / refine: c_skip(t) [B, 1, 1] of EDM (Karras et al. 2022) for z_t = t z1 + (1 - t) z0,
+        """--predict refine: c_skip(t) [B, 1, 1] of EDM (Karras et al. 2022) for z_t = t z1 + (1 - t) z0,
         z0 ~ N(0, s0^2) (s0 = --z0-std), targets of unit variance per coordinate (W_class starts N(0, 1)
         and stays there under the guard): c_skip z_t is the least-squares linear estimate of z1 from z_t.
         At t = 0 it is 0 and the block predicts z1 alone; later the identity path hands the block the
@@ -772,20 +709,6 @@ class FlowDetector(nn.Module):
         t = t.view(-1, 1, 1).float()
         return t / (t ** 2 + (1 - t) ** 2 * self.z0_std ** 2)
 
-    def query(self, estimate=None):
-        """Slot queries [M, d] added to every block's input (None: each block its own), plus with
-        --coupling anchor the sine encoding of each slot's reference point, so slot j looks near it.
-        --box-query adds, per image, the sine encoding of the centre of the box that `estimate`
-        [B, M, d] (the running estimate of z1) decodes to -> [B, M, d]: the code the memory's positions
-        carry, so the block's cross-attention can look where the previous blocks put the object
-        (DAB-DETR's reference points; detached, no gradient into the box head, as there)."""
-        parts = [q for q in (self.queries, self.anchor_code) if q is not None]
-        if self.box_query and estimate is not None:
-            with torch.no_grad():
-                centre = self.box_head(estimate).float().sigmoid()[..., :2]
-            parts.append(sine_encoding(centre.reshape(-1, 2), self.dim).view_as(estimate).to(estimate.dtype))
-        return sum(parts) if parts else None
-
     def head(self, k):
         """Block k as head(z_t, memory, t) -> v, the signature of core.flow_matching_loss."""
         return lambda z, memory, t: self.velocity(k, z, [memory], t)
@@ -794,9 +717,9 @@ class FlowDetector(nn.Module):
 class DETRBaseline(nn.Module):
     """bp: the same memory, learned queries and T decoder layers of the same width, end to end."""
 
-    def __init__(self, memory, num_classes, dim, slots, nheads, ffn, dropout, T, detach=False):
+    def __init__(self, memory, num_classes, dim, slots, nheads, ffn, dropout, T):
         super().__init__()
-        self.backbone, self.detach = memory, detach
+        self.backbone = memory
         self.queries = nn.Parameter(torch.randn(slots, dim) * 0.02)
         self.layers = nn.ModuleList(nn.TransformerDecoderLayer(dim, nheads, ffn, dropout, batch_first=True,
                                                                norm_first=True) for _ in range(T))
@@ -814,8 +737,8 @@ class DETRBaseline(nn.Module):
         memory = self.backbone(x)[0]
         h = self.queries[None].expand(x.shape[0], -1, -1)
         outs = []
-        for i, layer in enumerate(self.layers):
-            h = layer(h.detach() if self.detach and i else h, memory)
+        for layer in self.layers:
+            h = layer(h, memory)
             if every_layer:
                 outs.append(self.decode(h))
         return outs if every_layer else self.decode(h)
@@ -823,19 +746,14 @@ class DETRBaseline(nn.Module):
 
 def build_model(args, num_classes):
     """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
-    memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained, getattr(args, "stride", 32))
+    memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained, args.stride)
     if args.method == "bp":
-        return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T,
-                            getattr(args, "detach_layers", False))
-    kind = getattr(args, "queries", "block")  # checkpoints from before --queries: per block
-    blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout, own_query=kind == "block")
+        return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T)
+    blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout, own_query=args.queries == "block")
               for _ in range(args.T)]
-    queries = nn.Parameter(torch.randn(args.slots, args.dim)) if kind == "shared" else None  # N(0, I), as DETR's
+    queries = nn.Parameter(torch.randn(args.slots, args.dim)) if args.queries == "shared" else None  # N(0, I), DETR's
     return FlowDetector(memory, blocks, num_classes, args.dim, guard=not args.no_guard, queries=queries,
-                        predict=getattr(args, "predict", "velocity"),
-                        anchors=anchor_points(args.slots) if getattr(args, "coupling", "") == "anchor" else None,
-                        box_embed=getattr(args, "box_embed", "linear"), z0_std=getattr(args, "z0_std", 1.0),
-                        box_query=getattr(args, "box_query", False))
+                        predict=args.predict, z0_std=args.z0_std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -912,23 +830,6 @@ def slot_matches(logits, pred_boxes, classes, boxes, num_classes):
     held = object_slots(classes, num_classes)
     return hungarian(match_costs(logits, pred_boxes, [c[h] for c, h in zip(classes, held)],
                                  [b[h] for b, h in zip(boxes, held)]))
-
-
-def anchor_points(m):
-    """m fixed reference points spread evenly over the image, [m, 2] (x, y) in [0, 1]: the R2
-    low-discrepancy sequence (Roberts 2018), so any M gets an even cover."""
-    g = 1.32471795724474602596  # the plastic number
-    n = torch.arange(1, m + 1, dtype=torch.float64)
-    return torch.stack([(0.5 + n / g) % 1, (0.5 + n / g ** 2) % 1], 1).float()
-
-
-def anchor_coupling(z1, classes, boxes, anchors, num_classes):
-    """--coupling anchor: each image's objects go to fixed reference points, one per slot, by the
-    minimum total L1 distance between box centre and point. The assignment is a function of the
-    image alone (not of z0, not of the block), so every block, every t and the inference path agree
-    on which slot owns which object."""
-    assignments = assign_slots(classes, num_classes, lambda i, obj: torch.cdist(anchors, boxes[i, obj, :2], p=1))
-    return reorder_slots(assignments, classes, num_classes, z1, boxes)
 
 
 def match_cost(prob, boxes, gt_labels, gt_boxes):
@@ -1017,7 +918,7 @@ def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
     (euler_states), regressing the straight path from z to z1, u = (z1 - z) / (1 - t). Gradients never
     cross blocks: z carries none. match (--coupling match): first each object moves to the slot whose
     prediction Hungarian-matches it (slot_matches on z1_hat's decoding), z1, classes and boxes alike.
-    Returns (mse, z1_hat = z + (1 - t) v, classes, boxes); with --predict endpoint the mse is
+    Returns (mse, z1_hat = z + (1 - t) v, classes, boxes); with --predict refine the mse is
     ||z1_hat - z1||^2, with velocity ||v - u||^2. z1_hat does not depend on the targets W_class, W_box
     here (z comes from the blocks, not from z1), so with the guard (default: the mse sees z1 through a
     stop-gradient) they stay at their random init, a fixed random code for each class and box
@@ -1033,38 +934,31 @@ def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
     return ((z1_hat - target).float() * scale).pow(2).mean(), z1_hat, classes, boxes
 
 
-def block_loss(model, k, feats, targets, slots, args, noise=None, path=None):
-    """Loss of flow block k: 0.1 x flow MSE + detection loss on the decoded z1_hat.
-    slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch.
-    noise: (z0 [B, M, d], u [B]) from core.train_noise, or None for fresh draws.
-    path: --train-path euler, the batch's euler_states (z0 = path[0]; noise unused); None: computed here."""
+def block_loss(model, k, feats, targets, slots, args, z0, u=None, path=None):
+    """Loss of flow block k: flow_weight x flow MSE + detection loss on the decoded z1_hat.
+    slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch. z0 [B, M, d]: the
+    block's noise (model.noise), u [B] its U[0, 1) draw of t (fresh when None). path: with --train-path
+    euler the batch's euler_states (computed here when None)."""
     classes, boxes = slots
-    euler = getattr(args, "train_path", "line") == "euler"
+    euler = args.train_path == "euler"
     z1 = model.targets(classes, boxes)
-    if path is not None:
-        z0 = path[0]
-    else:
-        z0, u = noise if noise is not None else (torch.randn_like(z1), None)
-        z0 = z0 * args.z0_std
     if args.coupling == "ot":
         classes, z1, boxes = ot_coupling(z0, z1, classes, boxes, model.num_classes)
     elif args.coupling == "match" and not euler:
         classes, z1, boxes = match_coupling(model, k, feats[0], z0, z1, classes, boxes)
-    elif args.coupling == "anchor":
-        classes, z1, boxes = anchor_coupling(z1, classes, boxes, model.anchors, model.num_classes)
     if euler:
         z = (path or euler_states(model, feats, z0, k))[k]
         mse, z1_hat, classes, boxes = euler_path_loss(model, k, feats, z, z1, classes, boxes, args.coupling == "match")
     else:
-        t = core.sample_t(len(z1), k, model.T, args.time_split, z1.device, args.t_dist, u)
-        mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, args.time_split,
-                                              args.sigma_min, detach_target=model.guard, z0=z0, t=t,
-                                              weight=(1 - t) ** 2 if model.predict != "velocity" else None)
+        t = core.sample_t(len(z1), k, model.T, False, z1.device, u=u)
+        mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, detach_target=model.guard,
+                                              z0=z0, t=t, weight=(1 - t) ** 2 if model.predict != "velocity" else None)
     logits, pred_boxes = model.decode(z1_hat)
     overflow = any(len(t["labels"]) > args.slots for t in targets)
-    # the slots' own targets: the same assignment as the flow path; an image with more objects than
-    # slots holds only its first M there, so such a batch takes the Hungarian loss over all objects
-    if args.assign == "coupling" and not overflow:
+    # match on the Euler path: the slot targets are the Hungarian matching of z1_hat already, so the set
+    # loss uses them; an image with more objects than slots holds only its first M there, so such a batch
+    # (and every other coupling) takes the Hungarian loss over all objects
+    if euler and args.coupling == "match" and not overflow:
         return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes,
                                                  num_boxes=num_boxes(targets))
     return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
@@ -1099,9 +993,8 @@ def predict(model, x, index, args, steps=None, return_path=False, mode="euler", 
     if args.method == "bp":
         return model(x)
     feats = model.backbone(x) if feats is None else feats
-    start = start or getattr(args, "z0_infer", "noise")  # checkpoints from before --z0-infer: noise
-    if start == "noise":
-        z0 = core.noise_for(index, (args.slots, model.dim), args.seed, x.device) * getattr(args, "z0_std", 1.0)
+    if (start or args.z0_infer) == "noise":
+        z0 = model.noise(core.noise_for(index, (args.slots, model.dim), args.seed, x.device))
     else:  # no draw to make
         z0 = torch.zeros(len(x), args.slots, model.dim, device=x.device)
     velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
@@ -1111,12 +1004,21 @@ def predict(model, x, index, args, steps=None, return_path=False, mode="euler", 
     return [model.decode(p) for p in path] if return_path else model.decode(z)
 
 
+def all_gather(items):
+    """The concatenation over processes (in rank order) of each process's list of picklable items."""
+    if core.world_size() == 1:
+        return list(items)
+    out = [None] * core.world_size()
+    torch.distributed.all_gather_object(out, list(items))
+    return [item for part in out for item in part]
+
+
 def evaluate(model, loader, args, device, num_classes):
     """map50 / map50_area with the paper's Euler inference from --z0-infer's start; fm also
     map50_ensemble (single steps averaged) and the Euler map50 from the other start (map50_noise or
     map50_mean)."""
     model.eval()
-    chosen = getattr(args, "z0_infer", "noise")
+    chosen = args.z0_infer
     other = {"noise": "mean", "mean": "noise"}[chosen]
     modes = [("euler", chosen)] + ([("ensemble", chosen), ("euler", other)] if args.method == "fm" else [])
     dets, gts = {m: [] for m in modes}, []
@@ -1129,7 +1031,7 @@ def evaluate(model, loader, args, device, num_classes):
                 logits, boxes = predict(model, x, index, args, mode=mode, feats=feats, start=start)
             dets[mode, start] += postprocess(logits, boxes, sizes, args.score_thresh, args.nms)
         gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
-    dets, gts = {m: core.all_gather(d) for m, d in dets.items()}, core.all_gather(gts)  # torchrun: every shard
+    dets, gts = {m: all_gather(d) for m, d in dets.items()}, all_gather(gts)  # torchrun: every shard
     euler = dets["euler", chosen]
     out = {"map50": voc_eval(euler, gts, num_classes)["map"],
            "map50_area": voc_eval(euler, gts, num_classes, use_07_metric=False)["map"]}
@@ -1142,14 +1044,18 @@ def evaluate(model, loader, args, device, num_classes):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def train_step(model, x, targets, blocks, args, device, forward=None, index=None, noise_key=None):
-    """Forward + block-wise (fm) or joint (bp) backward; returns the losses. forward: the DDP wrapper of
-    the backbone (fm) or model (bp) under torchrun; index, noise_key: per-sample noise (core.train_noise)."""
+def train_step(model, forward, batch, blocks, noise_key, args, device):
+    """One batch (x, targets, index), no optimiser step; returns the losses. fm: the backbone once, then
+    core.blockwise_backward over `blocks` with block_loss; with --train-path euler one Euler trajectory
+    (block 0's noise) serves every block. bp: the matching loss after every decoder layer (DETR's
+    auxiliary losses; --no-aux-loss: the last only), one joint backward. Noise per sample from
+    core.train_noise keyed by (*noise_key, block); fresh draws when index or noise_key is None.
+    forward: the DDP wrapper of the backbone (fm) or model (bp) under torchrun, else None."""
+    x, targets, index = batch
     x = x.to(device, non_blocking=True)
     with core.autocast(device, args.amp):
         if args.method == "bp":
-            aux = getattr(args, "aux_loss", False)  # checkpoints from before the flag: no auxiliary losses
-            outs = (forward or model)(x, every_layer=True) if aux else [(forward or model)(x)]
+            outs = (forward or model)(x, every_layer=True) if args.aux_loss else [(forward or model)(x)]
             loss = sum(detection_loss(logits, boxes, targets, model.num_classes) for logits, boxes in outs)
             if not torch.isfinite(loss):
                 raise core.NonFiniteLoss("bp", loss.item())
@@ -1157,15 +1063,16 @@ def train_step(model, x, targets, blocks, args, device, forward=None, index=None
             return {"loss": loss.item()}
         feats = (forward or model.backbone)(x)
         slots = slot_targets(targets, args.slots, model.num_classes, x.device)[:2]
-        noise = lambda k: None if index is None else \
-            core.train_noise(index, (*noise_key, k), (args.slots, model.dim), device)  # noqa: E731
-        path = None
-        if args.train_path == "euler" and args.euler_paths == "shared":  # one trajectory (block 0's noise)
-            z0 = noise(0)[0] if index is not None else torch.randn(len(x), args.slots, model.dim, device=device)
-            path = euler_states(model, feats, z0 * args.z0_std, max(blocks))
+
+        def noise(k):  # (z0 [B, M, d], u [B]) of block k
+            if index is None or noise_key is None:
+                return model.noise(torch.randn(len(x), args.slots, model.dim, device=device)), None
+            draw, u = core.train_noise(index, (*noise_key, k), (args.slots, model.dim), device)
+            return model.noise(draw), u
+        path = euler_states(model, feats, noise(0)[0], max(blocks)) if args.train_path == "euler" else None
 
         def loss(k, f):
-            return block_loss(model, k, f, targets, slots, args, None if path else noise(k), path)
+            return block_loss(model, k, f, targets, slots, args, *((path[0], None) if path else noise(k)), path=path)
         losses = core.blockwise_backward(feats, blocks, loss, all_features=forward is not None)
     return {"loss": sum(losses.values()) / len(losses), **{f"loss_b{k}": v for k, v in losses.items()}}
 
@@ -1182,31 +1089,30 @@ def summary(record):
     return " | ".join(parts)
 
 
+def check_flags(args):
+    """One-line exit for values and combinations that cannot run, before anything is written."""
+    for name in ("epochs", "bs", "T"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    if args.method == "bp" and args.mode == "sequential":
+        sys.exit("error: --mode sequential trains flow heads one at a time; it does not apply to --method bp")
+    if args.method == "fm" and args.predict == "refine" and args.z0_std <= 0:
+        sys.exit("error: --predict refine needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
+    if not 0 <= args.crop <= 1:
+        sys.exit(f"error: --crop is the smallest side kept, a fraction of the image in [0, 1]; got {args.crop}")
+
+
 def main(args):
     device = core.init_distributed(args.device)
     core.seed_everything(args.seed)
-    core.check_flags(args)
-    if args.method == "fm" and args.train_path == "euler" and (args.time_split or args.t_dist != "uniform"):
-        sys.exit("error: --train-path euler trains block k at t = k/T; --time-split and --t-dist do not apply")
-    if args.detach_layers and args.method != "bp":
-        sys.exit("error: --detach-layers is a bp diagnostic (fm's blocks never pass gradients anyway)")
-    if args.detach_layers and not args.aux_loss:
-        sys.exit("error: --detach-layers trains each layer on its own auxiliary loss; drop --no-aux-loss")
-    if args.method == "fm" and args.predict in ("skip", "refine") and args.z0_std <= 0:
-        sys.exit(f"error: --predict {args.predict} needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
-    if not 0 <= args.crop <= 1:
-        sys.exit(f"error: --crop is the smallest side kept, a fraction of the image in [0, 1]; got {args.crop}")
-    if args.box_query and args.method != "fm":
-        sys.exit("error: --box-query sets fm's slot queries; bp's decoder learns its own")
-    if args.box_embed != "linear" and args.method != "fm":
-        sys.exit("error: --box-embed sets fm's targets; bp has none")
+    check_flags(args)
     try:
-        train_set, val_set, test_set, classes = core.main_first(lambda: build_data(args))  # written / downloaded once
+        train_set, val_set, test_set, classes = main_first(lambda: build_data(args))  # written / downloaded once
         if args.backbone == "tiny" and not (args.weights or args.no_pretrained):
-            args.weights = core.main_first(lambda: tiny_weights(args))  # pretrained once, like a download
+            args.weights = main_first(lambda: tiny_weights(args))  # pretrained once, like a download
         model = build_model(args, len(classes)).to(device)
         overflow = sum(len(train_set.dataset.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
-    except (core.DataError, WeightsError) as e:
+    except (core.DataError, core.WeightsError) as e:
         sys.exit(f"error: {e}")
     loaders = {}
     for name, data in (("val", val_set), ("test", test_set)):
@@ -1216,13 +1122,13 @@ def main(args):
             loaders[name] = torch.utils.data.DataLoader(core.shard(data), max(args.bs, 8), shuffle=False,
                                                         num_workers=args.workers, collate_fn=collate,
                                                         pin_memory=device.type == "cuda")
-
     backbone = list(model.backbone.trunk.parameters())
     ids = {id(p) for p in backbone}
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd,
                                   foreach=True)  # torch's multi-tensor step, also on CPU (faster there too)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop], 0.1)  # stepped per epoch
+    passes = core.head_schedule(args.T, args.method == "fm" and args.mode == "sequential")
     if core.is_main():  # once data and model are built, so a bad input stops with its error line alone
         print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
         weights = args.weights or ("none" if args.no_pretrained else "ImageNet")
@@ -1230,16 +1136,88 @@ def main(args):
               f"{f'recipe={args.recipe} ' if args.method == 'fm' else ''}coupling={args.coupling} M={args.slots} "
               f"crop={args.crop} device={device}; {overflow} training images have more than {args.slots} objects "
               f"(the flow targets keep the first {args.slots}; the Hungarian loss matches among all)")
-    arch = ("final", "method", "dataset", "T", "backbone", "stride", "dim", "slots", "nheads", "ffn", "img_size",
-            "no_guard", "z0_std", "queries", "predict", "coupling", "box_embed", "box_query")
+    evaluate_on = {name: functools.partial(evaluate, loader=loader, args=args, device=device, num_classes=len(classes))
+                   for name, loader in loaders.items()}
+    return run(args, model, optimizer, scheduler, None, train_set, passes,
+               functools.partial(train_step, args=args, device=device), evaluate_on, {"num_classes": len(classes)},
+               schedule_per_step=False, collate_fn=collate)
 
-    def evaluate_on(split):  # validation every epoch, test at the end (core.fit); None without that split
-        return (lambda m: evaluate(m, loaders[split], args, device, len(classes))) if split in loaders else None
 
-    return core.fit(args, os.path.basename(__file__), arch, model, optimizer, scheduler, train_set,
-                    lambda m, fwd, b, heads, key: train_step(m, b[0], b[1], heads, args, device, fwd, b[2], key),
-                    evaluate_on("val"), summary, schedule_per_step=False, collate_fn=collate,
-                    extra_state={"num_classes": len(classes)}, test=evaluate_on("test"))
+def main_first(fn):
+    """fn() on rank 0, then on the other processes: what downloads or writes files (VOC, minivoc, the tiny
+    trunk's pretraining) does it once; if rank 0 fails the others still pass the barrier and meet the error."""
+    if core.world_size() == 1:
+        return fn()
+    if core.is_main():
+        try:
+            return fn()
+        finally:
+            torch.distributed.barrier()
+    torch.distributed.barrier()
+    return fn()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: resume, epochs, evaluation, log, checkpoint (the same text in every script)
+# ----------------------------------------------------------------------------------------------
+def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluate, extra, **engine):
+    """Train args.epochs epochs with core.train_one_epoch; per epoch evaluate["val"] (logged as val_*),
+    after the last evaluate["test"] (every epoch with --test-every-epoch), one printed line, one JSON
+    line in the log beside --out, then an atomic checkpoint. SIGTERM: save the position, exit 143."""
+    script = os.path.basename(__file__)
+    try:
+        start, position = core.start_or_resume(args.out, script, vars(args), RESUME_MATCH, args.resume, model,
+                                               optimizer, scheduler, ema)
+    except core.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
+    save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
+                             args=vars(args), **extra)
+    if core.is_main():
+        print(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} "
+              f"global; {core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps "
+              f"per epoch")
+    peak, record, epoch = None, None, start
+    with core.Preemption() as preempt:
+        for epoch in range(start, args.epochs):
+            resume = position if position and position["epoch"] == epoch else None
+            t0 = time.time() - (resume["elapsed"] if resume else 0.0)
+            try:
+                losses, peak = core.train_one_epoch(
+                    model, step, passes, optimizer, scheduler, train_set, epoch, bs=args.bs, seed=args.seed,
+                    clip=args.clip, max_steps=args.max_steps, workers=args.workers, forward=forward,
+                    local_params=local, ema=ema, preempt=preempt, resume=resume, peak=peak, epochs=args.epochs,
+                    **engine)
+            except core.Preempted as stop:  # the step is done: save the position inside the epoch, exit
+                save(epoch - 1, stop.position)
+                if core.is_main():
+                    print(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
+                          f"continue with --resume", flush=True)
+                sys.exit(core.Preemption.EXIT_CODE)
+            except core.NonFiniteLoss as e:
+                sys.exit(f"error: {e} at epoch {epoch + 1} step {e.step}; the last good checkpoint {args.out} "
+                         f"is untouched")
+            except core.DataError as e:
+                sys.exit(f"error: {e}")
+            test_now = epoch + 1 == args.epochs or args.test_every_epoch
+            try:
+                metrics = core.evaluate_run(model, ema, evaluate.get("val"), evaluate.get("test") if test_now else None)
+            except core.DataError as e:
+                sys.exit(f"error: {e}")
+            record = {"epoch": epoch + 1, **losses, **metrics, "lr": scheduler.get_last_lr()[0],
+                      "time": time.time() - t0, "peak_step_bytes": peak, "global_batch": args.bs * core.world_size()}
+            if core.world_size() > 1:
+                record["replica_max_diff"] = core.replica_difference(model)
+            if core.is_main():
+                print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
+                with open(core.log_path(args.out), "a") as f:  # log first: a kill before the save repeats the epoch
+                    f.write(json.dumps(record) + "\n")
+            save(epoch, None)
+            if preempt.requested():
+                if core.is_main():
+                    print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
+                sys.exit(core.Preemption.EXIT_CODE)
+    return record
 
 
 if __name__ == "__main__":
