@@ -230,61 +230,101 @@ def mode_probe(runs, args):
     return rows, fig
 
 
+STEPS = (1, 2, 4, 8, 16)  # --inference: accuracy and time against the number of steps
+
+
 @torch.no_grad()
 def flow_accuracies(run, loader, seed, solver):
-    """Top-1 / top-k of every inference mode for one z0 draw (seed)."""
+    """Top-1 / top-k of every inference mode for one z0 draw (seed), and the seconds each step count took.
+    Velocity heads: each head's single step, the ensemble, Euler with T / 2T / 4T steps, the 2nd-order
+    solver, and Euler with n steps for n in STEPS; flow-map heads: each head's one-step map, the ensemble
+    and core.compose with n steps."""
     model, T, ks = run.model, run.model.T, (1, run.topk)
-    names = [f"head{k}" for k in range(T)] + ["ensemble", "euler_T", "euler_2T", "euler_4T", f"{solver}_T"]
-    hits, n = {name: [0, 0] for name in names}, 0
+    maps = getattr(model, "objective", "velocity") == "flowmap"
+    names = [f"head{k}" for k in range(T)] + ["ensemble"] + \
+        ([] if maps else ["euler_T", "euler_2T", "euler_4T", f"{solver}_T"]) + [f"steps_{n}" for n in STEPS]
+    hits, seconds, n_seen = {name: [0, 0] for name in names}, {n: 0.0 for n in STEPS}, 0
     for x, y, idx in loader:
         x, y = x.to(run.device), y.to(run.device)
-        feats = model.backbone(x)
+        with torch.no_grad():
+            feats = model.backbone(x)
         z0 = core.noise_for(idx, (model.dim,), seed, run.device)
         velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
-        singles = [core.single_step(velocity, z0, k) for k in range(T)]
+        mapping = lambda k, z, t, u: model.flow_map(k, z, feats, t, u).float()  # noqa: E731
+        if maps:
+            zero, one = torch.zeros(len(z0), device=run.device), torch.ones(len(z0), device=run.device)
+            with torch.no_grad():
+                singles = [mapping(k, z0, zero, one) for k in range(T)]
+        else:
+            singles = [core.single_step(velocity, z0, k) for k in range(T)]
         latents = dict(zip(names[:T], singles))
         latents["ensemble"] = torch.stack(singles).mean(0)
-        for mult in (1, 2, 4):
-            latents[f"euler_{'' if mult == 1 else mult}T"] = core.integrate(velocity, z0, T, mult * T)
-        latents[f"{solver}_T"] = core.integrate(velocity, z0, T, T, method=solver)
+        if not maps:
+            for mult in (1, 2, 4):
+                latents[f"euler_{'' if mult == 1 else mult}T"] = core.integrate(velocity, z0, T, mult * T)
+            latents[f"{solver}_T"] = core.integrate(velocity, z0, T, T, method=solver)
+        for n in STEPS:
+            start = time.perf_counter()
+            latents[f"steps_{n}"] = core.compose(mapping, z0, T, n, model.span) if maps else \
+                core.integrate(velocity, z0, T, n)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            seconds[n] += time.perf_counter() - start
         for name, z in latents.items():
             hits[name] = [a + b for a, b in zip(hits[name], core.topk_correct(model.logits(z), y, ks))]
-        n += len(y)
-    return {name: [h / n for h in v] for name, v in hits.items()}
+        n_seen += len(y)
+    return {name: [h / n_seen for h in v] for name, v in hits.items()}, seconds
 
 
 def mode_inference(runs, args):
+    """Table 3 (every inference mode, mean +- std over z0 draws) and accuracy against the number of steps,
+    velocity heads (Euler) and flow-map heads (composed maps) in one plot, with the time each took."""
     rows = []
     for run in runs:
         if run.kind != "cls" or not run.is_fm:
             continue
         test = run.data()[1]
         loader = run.loader(test, args.bs, args.limit)
-        draws = [flow_accuracies(run, loader, seed, args.solver) for seed in range(args.noise_seeds)]
+        results = [flow_accuracies(run, loader, seed, args.solver) for seed in range(args.noise_seeds)]
+        draws, times = [r[0] for r in results], [r[1] for r in results]
+        objective = getattr(run.args, "objective", "velocity")
         for name in draws[0]:
             top1 = np.array([d[name][0] for d in draws])
             topk = np.array([d[name][1] for d in draws])
-            rows.append({"ckpt": run.path, "time_split": bool(getattr(run.args, "time_split", False)), "mode": name,
-                         "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
-                         f"top{run.topk}_mean": float(topk.mean()), f"top{run.topk}_std": float(topk.std())})
-        print(f"inference  {run.path} (time_split={getattr(run.args, 'time_split', False)}, {args.noise_seeds} z0 draws)")
+            row = {"ckpt": run.path, "objective": objective, "time_split": bool(getattr(run.args, "time_split", False)),
+                   "mode": name, "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
+                   f"top{run.topk}_mean": float(topk.mean()), f"top{run.topk}_std": float(topk.std())}
+            if name.startswith("steps_"):
+                row["seconds"] = float(np.mean([t[int(name[6:])] for t in times]))
+            rows.append(row)
+        print(f"inference  {run.path} ({objective}, time_split={getattr(run.args, 'time_split', False)}, "
+              f"{args.noise_seeds} z0 draws)")
         for r in rows:
             if r["ckpt"] == run.path:
+                extra = f"   {r['seconds']:.3f} s" if "seconds" in r else ""
                 print(f"  {r['mode']:>10}: top-1 {r['top1_mean']:.4f} +- {r['top1_std']:.4f}   "
-                      f"top-{run.topk} {r[f'top{run.topk}_mean']:.4f}")
-    fig, ax = plt.subplots(figsize=(8, 4))
+                      f"top-{run.topk} {r[f'top{run.topk}_mean']:.4f}{extra}")
+    fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 2]})
     paths = sorted({r["ckpt"] for r in rows})
     width = 0.8 / max(1, len(paths))
     for i, path in enumerate(paths):
-        sub = [r for r in rows if r["ckpt"] == path]
+        sub = [r for r in rows if r["ckpt"] == path and not r["mode"].startswith("steps_")]
         xs = np.arange(len(sub)) + i * width
-        label = os.path.basename(path) + (" (time-split)" if sub and sub[0]["time_split"] else "")
+        label = f"{os.path.basename(path)} ({sub[0]['objective']}{', time-split' if sub[0]['time_split'] else ''})"
         ax.bar(xs, [r["top1_mean"] for r in sub], width, yerr=[r["top1_std"] for r in sub], label=label, capsize=2)
         ax.set_xticks(np.arange(len(sub)) + 0.4 - width / 2, [r["mode"] for r in sub], rotation=45, ha="right")
+        steps = [r for r in rows if r["ckpt"] == path and r["mode"].startswith("steps_")]
+        ax_steps.errorbar([int(r["mode"][6:]) for r in steps], [r["top1_mean"] for r in steps],
+                          yerr=[r["top1_std"] for r in steps], marker="o", capsize=2, label=label)
     ax.set_ylabel("test top-1 accuracy")
     ax.set_xlabel("inference mode")
     ax.set_title("Inference modes (mean +- std over z0 draws)")
     ax.legend()
+    ax_steps.set_xscale("log", base=2)
+    ax_steps.set_xlabel("steps (velocity: Euler; flowmap: composed maps)")
+    ax_steps.set_ylabel("test top-1 accuracy")
+    ax_steps.set_title("Accuracy against the number of steps")
+    ax_steps.legend()
     return rows, fig
 
 
@@ -438,7 +478,7 @@ def fake_batch(module, margs, bs, device):
             targets.append({"labels": torch.randint(0, 20, (n,), generator=g), "boxes_norm": torch.cat([cxcy, wh], 1)})
         return x.to(device), targets, 20
     size = margs.img_size or getattr(module, "IMG_SIZE", {}).get(margs.dataset, 32)
-    in_ch = 1 if margs.dataset in ("digits", "mnist") else 3
+    in_ch = 1 if margs.dataset in ("digits", "mnist") and module.__name__ != "finetune_vit" else 3  # ViT-B: RGB
     return torch.randn(bs, in_ch, size, size, generator=g).to(device), torch.randint(0, 10, (bs,), generator=g).to(device), 10
 
 

@@ -26,6 +26,8 @@ import random
 import signal
 import tempfile
 import time
+import warnings
+from fractions import Fraction
 
 import numpy as np
 import timm.models.vision_transformer
@@ -36,6 +38,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
+
+# torch's forward-mode AD (torch.func.jvp, the flow-map loss) loads decompositions through torch.jit.script
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 
 # ==============================================================================================
@@ -53,7 +58,7 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * half, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        angles = t.float()[:, None] * self.freqs[None]  # [B, freq_dim/2]
+        angles = t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * self.freqs[None]  # [B, freq_dim/2]
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
@@ -81,33 +86,43 @@ class ResidualMLP(nn.Module):
 
 class MLPFlowHead(nn.Module):
     """v_k for pooled features (eqs. 7-8): v = ResidualMLP(concat(f(x), z_t + e_t)). Each head owns its
-    time embedding, so head k's parameters see head k's loss only. feat [B, F], z [B, d], t [B] -> [B, d]."""
+    time embedding, so head k's parameters see head k's loss only. feat [B, F], z [B, d], t [B] -> [B, d].
+    maps=True: a flow-map head g(z, feat, t, u) that also embeds the target time u (e_t + e'_u)."""
 
-    def __init__(self, feat_dim, dim, hidden=1024, blocks=2, dropout=0.1):
+    def __init__(self, feat_dim, dim, hidden=1024, blocks=2, dropout=0.1, maps=False):
         super().__init__()
         self.time = TimeEmbedding(dim)
+        self.time_u = TimeEmbedding(dim) if maps else None
         self.mlp = ResidualMLP(feat_dim + dim, hidden, dim, blocks, dropout)
 
-    def forward(self, z, feat, t):
-        return self.mlp(torch.cat([feat, z + self.time(t)], dim=-1))
+    def forward(self, z, feat, t, u=None):
+        return self.mlp(torch.cat([feat, z + times(self, t, u)], dim=-1))
+
+
+def times(head, t, u=None):
+    """A head's time input: e_t, plus e'_u for a flow-map head (u: the time the map goes to)."""
+    return head.time(t) if u is None else head.time(t) + head.time_u(u)
 
 
 class TokenFlowHead(nn.Module):
     """v_k for an unpooled token sequence: z_t + e_t, projected to the token width, is prepended as a
     query token to one timm transformer block over [query; tokens]; the query's output is projected
     back to R^d. One head is one encoder layer, what the bp baselines stack T times (same capacity).
-    tokens [B, N, D], z [B, d], t [B] -> [B, d]."""
+    tokens [B, N, D], z [B, d], t [B] -> [B, d]; maps=True: a flow-map head (see MLPFlowHead)."""
 
-    def __init__(self, token_dim, dim, heads, mlp_ratio=4.0, dropout=0.0):
+    def __init__(self, token_dim, dim, heads, mlp_ratio=4.0, dropout=0.0, maps=False):
         super().__init__()
         self.time = TimeEmbedding(dim)
+        self.time_u = TimeEmbedding(dim) if maps else None
         self.inp = nn.Linear(dim, token_dim)
         self.block = timm.models.vision_transformer.Block(token_dim, heads, mlp_ratio, qkv_bias=True,
                                                           proj_drop=dropout)
+        if maps:  # torch has no forward-mode AD for the fused CPU attention kernel; the flow-map loss needs it
+            self.block.attn.fused_attn = False
         self.out = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, dim))
 
-    def forward(self, z, tokens, t):
-        query = self.inp(z + self.time(t))[:, None]  # [B, 1, D]
+    def forward(self, z, tokens, t, u=None):
+        query = self.inp(z + times(self, t, u))[:, None]  # [B, 1, D]
         return self.out(self.block(torch.cat([query, tokens], dim=1))[:, 0])
 
 
@@ -178,14 +193,67 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
     return mse, z1_hat
 
 
+def sample_tu(head, T, span, draws):
+    """(t, u), t <= u, per sample for a flow-map head from three U[0, 1) draws [n, 3]. With probability 1/4
+    t = u (the diagonal, where the SGFlow loss is flow matching); otherwise the two draws sorted. span
+    'global': t, u in [0, 1] (every head a full-range map); 'local': in [k/T, (k+1)/T] (head k's interval).
+    Theorem 1 of SGFlow needs positive probability on t = u and on t < u; 1/4 is our choice."""
+    lo, hi = draws[:, :2].min(1).values, draws[:, :2].max(1).values
+    hi = torch.where(draws[:, 2] < 0.25, lo, hi)
+    return ((head + lo) / T, (head + hi) / T) if span == "local" else (lo, hi)
+
+
+def flow_map(g, z, feat, t, u):
+    """f(t, u, z) = z + (u - t) g(z, feat, t, u): SGFlow's parametrisation of the map that moves a point
+    of the path at time t to time u; on the diagonal g(z, feat, t, t) is the velocity. z [B, ...], t, u [B]."""
+    return z + (u - t).view(-1, *([1] * (z.dim() - 1))) * g(z, feat, t, u)
+
+
+def sgflow_loss(g, feat, z0, z1, t, u, split=True):
+    """SGFlow's loss (Key Designs 2-4) for a flow-map head g on the straight path X_t = (1 - t) z0 + t z1,
+    Xdot = z1 - z0:  L_sg = || d_t f + (d_x f) Xdot ||^2 - || (d_x f)(Xdot - sg[g(X_t, t, t)]) ||^2,
+    both terms Jacobian-vector products of f(., u, .) at (t, X_t) in the directions (1, Xdot) and
+    (0, Xdot - sg[g]), by forward-mode AD (torch.func.jvp over functional_call: no Jacobian, no model
+    inversion, no backprop through nested model calls); the usual backward then differentiates them.
+    Squared norms are averaged over latent dimensions (the scale of the flow MSE). split: each sample
+    takes one direction (even rows the first, odd the second, each weighted 2), one JVP per sample as
+    the summary suggests; split=False evaluates both for every sample. Returns (loss, X_t)."""
+    xt, xdot = path(z0, z1, t)
+    with torch.no_grad():
+        v_hat = g(xt, feat, t, t)  # sg[g(t, t, X_t)]: the model's own velocity estimate
+    params = dict(g.named_parameters()) if isinstance(g, nn.Module) else {}
+
+    def f(tt, xx):
+        call = (lambda *a: torch.func.functional_call(g, params, a)) if params else g
+        return flow_map(call, xx, feat, tt, u)
+    first = torch.arange(len(t), device=t.device) % 2 == 0
+    if split:
+        t_in, points = t, xt
+        dt = first.to(t.dtype)
+        dx = torch.where(first.view(-1, *([1] * (xt.dim() - 1))), xdot, xdot - v_hat)
+        sign = torch.where(first, 2.0, -2.0)
+    else:
+        t_in, points, u = torch.cat([t, t]), torch.cat([xt, xt]), torch.cat([u, u])
+        feat = torch.cat([feat, feat]) if feat is not None else None
+        dt, dx = torch.cat([torch.ones_like(t), torch.zeros_like(t)]), torch.cat([xdot, xdot - v_hat])
+        sign = torch.cat([torch.ones_like(t), -torch.ones_like(t)])
+    _, d = torch.func.jvp(f, (t_in, points), (dt, dx))
+    sq = d.to(torch.promote_types(d.dtype, torch.float32)).pow(2).flatten(1).mean(1)
+    return (sign * sq).sum() / len(t), xt
+
+
 class FlowClassifier(nn.Module):
     """Backbone + T flow heads + class targets + W_cls + a detached linear probe (classification).
     backbone(x) returns one feature tensor per stage (pooled [B, F_s] or tokens [B, N, D]); head k
     reads stage head_stage[k] (the last for all heads unless given: the 'parallel' topology)."""
 
-    def __init__(self, backbone, heads, num_classes, dim, head_stage=None, probe_dim=None, guard=True):
+    def __init__(self, backbone, heads, num_classes, dim, head_stage=None, probe_dim=None, guard=True,
+                 objective="velocity", span="global"):
         super().__init__()
         self.backbone, self.heads, self.dim = backbone, nn.ModuleList(heads), dim
+        # objective 'flowmap': the heads are flow maps g(z, feat, t, u) (SGFlow), covering [0, 1] each
+        # (span 'global') or head k its own interval [k/T, (k+1)/T] ('local')
+        self.objective, self.span = objective, span
         self.head_stage = list(head_stage) if head_stage is not None else [-1] * len(heads)
         self.embed = ClassEmbedding(num_classes, dim, guard)
         self.cls = nn.Linear(dim, num_classes, bias=False)  # W_cls (eqs. 16, 29)
@@ -203,6 +271,24 @@ class FlowClassifier(nn.Module):
                                          sigma_min=sigma_min, reduction=reduction, detach_target=self.embed.guard,
                                          z0=z0, t=t)
         return mse + lam * F.cross_entropy(self.logits(z1_hat), y)
+
+    def map_loss(self, k, feats, y, z0, t, u, lam=1.0, split=True):
+        """The flow-map head's local loss: SGFlow's L_sg on the path to z1 = W_embed[y] (through the guard's
+        stop-gradient) + lam * CE(W_cls^T z1_hat, y) on the endpoint estimate z1_hat = f(t, 1, X_t).
+        z0 [B, d] (fresh N(0, I) when None), (t, u) [B] from `sample_tu`."""
+        g, feat, z1 = self.heads[k], feats[self.head_stage[k]], self.embed(y)
+        z0 = torch.randn_like(z1) if z0 is None else z0
+        z1_flow = z1.detach() if self.embed.guard else z1
+        sg, xt = sgflow_loss(g, feat, z0, z1_flow, t, u, split)
+        end = torch.full_like(t, float(k + 1) / self.T if self.span == "local" else 1.0)
+        z1_hat = flow_map(g, xt, feat, t, end)
+        if self.span == "local":  # the map reaches the end of the head's interval; on to t = 1 by one Euler step
+            z1_hat = endpoint(z1_hat, g(z1_hat, feat, end, end), end)
+        z1_hat = z1_hat + t[:, None] * (z1 - z1_flow)  # the anchor's gradient into the targets, as flow_matching_loss
+        return sg + lam * F.cross_entropy(self.logits(z1_hat), y)
+
+    def flow_map(self, k, z, feats, t, u):
+        return flow_map(self.heads[k], z, feats[self.head_stage[k]], t, u)
 
     def probe_loss(self, feats, y):
         """Cross-entropy of the linear probe on detached, pooled last-stage features (eq. 32)."""
@@ -299,6 +385,24 @@ def integrate(velocity, z0, T, steps=None, method="euler", return_path=False, st
     return (z, trajectory) if return_path else z
 
 
+@torch.no_grad()
+def compose(flow_map, z0, T, steps, span="global"):
+    """Inference with flow-map heads in `steps` jumps on the grid t_i = i / steps: z_(i+1) = f(t_i, t_(i+1), z_i),
+    flow_map(k, z, t[B], u[B]) -> the point at u. span 'global' (every head maps all of [0, 1]): step i
+    goes to the head owning its midpoint, as `integrate` assigns velocity heads; 'local' (head k maps
+    within [k/T, (k+1)/T] only): the grid is cut at the interval boundaries too and each piece goes to
+    its head, so even one step is T exact jumps. With exact maps every `steps` gives the same endpoint."""
+    cuts = {Fraction(i, steps) for i in range(steps + 1)} | ({Fraction(k, T) for k in range(T + 1)} if span == "local"
+                                                              else set())
+    cuts, z, ones = sorted(cuts), z0, torch.ones(z0.shape[0], device=z0.device)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        z = flow_map(head_for_time(float(a + b) / 2, T), z, ones * float(a), ones * float(b))
+    return z
+
+
+MAP_STEPS = (1, 2, 4, 8)  # the step counts a flow-map run logs (acc_steps_n)
+
+
 def topk_correct(logits, y, ks=(1, 5)):
     """Number of samples whose label is in the top-k logits, for each k (k capped at #classes)."""
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
@@ -316,10 +420,15 @@ def evaluate_classifier(model, loader, device, seed=0, amp=False, ks=(1, 5)):
     """Top-k accuracy on a loader of (x, y, index), summed over processes (each evaluates its `shard`).
     FlowClassifier: z0 = noise_for(index, seed), so results do not depend on batch size or sharding;
     acc_single (mean over heads; per head in acc_single_heads), acc_ensemble, acc_multistep (Euler,
-    T steps) and acc_probe. Any other model (bp): acc. Top-k for k > 1 adds the suffix _top{k}."""
+    T steps) and acc_probe. Flow-map heads: the single step of head k is f_k(0, 1, z0) (span 'local':
+    the one-step composition for every head, as no head maps all of [0, 1]), the ensemble their mean,
+    multistep `compose` with T steps, and acc_steps_n with n in MAP_STEPS. Any other model (bp): acc.
+    Top-k for k > 1 adds the suffix _top{k}."""
     model.eval()
     flow = isinstance(model, FlowClassifier)
-    names = (["ensemble", "multistep", "probe"] + [f"h{k}" for k in range(model.T)]) if flow else ["acc"]
+    maps = flow and model.objective == "flowmap"
+    names = (["ensemble", "multistep", "probe"] + [f"h{k}" for k in range(model.T)]
+             + ([f"steps_{n}" for n in MAP_STEPS] if maps else [])) if flow else ["acc"]
     hits, n = {name: [0] * len(ks) for name in names}, 0
     for x, y, idx in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -327,12 +436,22 @@ def evaluate_classifier(model, loader, device, seed=0, amp=False, ks=(1, 5)):
             if flow:
                 feats = model.backbone(x)
                 z0 = noise_for(idx, (model.dim,), seed, device)
-                velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
-                singles = [single_step(velocity, z0, k) for k in range(model.T)]
+                if maps:
+                    mapping = lambda k, z, t, u: model.flow_map(k, z, feats, t, u).float()  # noqa: E731
+                    zero, one = torch.zeros(len(z0), device=device), torch.ones(len(z0), device=device)
+                    singles = ([mapping(k, z0, zero, one) for k in range(model.T)] if model.span == "global" else
+                               [compose(mapping, z0, model.T, 1, model.span)] * model.T)
+                    multistep = compose(mapping, z0, model.T, model.T, model.span)
+                else:
+                    velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
+                    singles = [single_step(velocity, z0, k) for k in range(model.T)]
+                    multistep = integrate(velocity, z0, model.T)
                 outputs = {f"h{k}": model.logits(z) for k, z in enumerate(singles)}
                 outputs["ensemble"] = model.logits(torch.stack(singles).mean(0))
-                outputs["multistep"] = model.logits(integrate(velocity, z0, model.T))
+                outputs["multistep"] = model.logits(multistep)
                 outputs["probe"] = model.probe(pool(feats[-1]))
+                for steps in MAP_STEPS if maps else ():
+                    outputs[f"steps_{steps}"] = model.logits(compose(mapping, z0, model.T, steps, model.span))
             else:
                 outputs = {"acc": model(x)}
         for name, logits in outputs.items():
@@ -348,7 +467,7 @@ def evaluate_classifier(model, loader, device, seed=0, amp=False, ks=(1, 5)):
             continue
         heads = [int(hits[f"h{h}"][i]) / int(flat[-1]) for h in range(model.T)]
         out[f"acc_single{suffix}"], out[f"acc_single_heads{suffix}"] = sum(heads) / model.T, heads
-        for name in ("ensemble", "multistep", "probe"):
+        for name in ("ensemble", "multistep", "probe") + tuple(f"steps_{n}" for n in MAP_STEPS if maps):
             out[f"acc_{name}{suffix}"] = int(hits[name][i]) / int(flat[-1])
     return out
 
@@ -389,6 +508,14 @@ def train_noise(indices, key, shape, device="cpu"):
         z0[row] = torch.randn(shape, generator=gen)
         u[row] = torch.rand((), generator=gen)
     return z0.to(device), u.to(device)
+
+
+def uniforms(indices, key, count, n, device="cpu"):
+    """[n, count] U[0, 1) draws per sample from the `train_noise` stream of `key` (the normal CDF of its
+    normals); fresh draws when indices or key is None."""
+    if indices is None or key is None:
+        return torch.rand(n, count, device=device)
+    return torch.special.ndtr(train_noise(indices, key, (count,), device)[0])
 
 
 class WithIndex(torch.utils.data.Dataset):
@@ -550,10 +677,10 @@ def log_path(out):
     return os.path.splitext(out)[0] + ".jsonl"
 
 
-def start_or_resume(out, script, args, arch, resume, model, optimizer, scheduler, ema=None):
+def start_or_resume(out, script, flags, arch, resume, model, optimizer, scheduler, ema=None):
     """Begin a run at `out` (refusing to start over an existing checkpoint), or with resume=True restore
     model, optimiser, scheduler, EMA and RNG states from it, after checking that `script` wrote it with
-    the same values of the architecture flags `arch` (names in the dict `args`), and cut its log back
+    the same values of the architecture flags `arch` (names in the dict `flags`), and cut its log back
     to the checkpoint's epoch (a kill between log line and checkpoint would repeat an epoch). Returns
     (first epoch to run, the position inside it if a preempted run saved mid-epoch, else None)."""
     if not resume:
@@ -566,7 +693,7 @@ def start_or_resume(out, script, args, arch, resume, model, optimizer, scheduler
     state = load_checkpoint(out)
     if state.get("script") != script:
         raise CheckpointError(f"{out} was written by {state.get('script')}, not {script}")
-    diff = [k for k in arch if state.get("args", {}).get(k) != args.get(k)]
+    diff = [k for k in arch if state.get("args", {}).get(k) != flags.get(k)]
     if diff:
         raise CheckpointError(f"{out} was trained with different {', '.join(diff)}")
     partial = state.get("partial")
@@ -586,13 +713,13 @@ def start_or_resume(out, script, args, arch, resume, model, optimizer, scheduler
     return state["epoch"] + 1, partial
 
 
-def save_run(out, model, optimizer, scheduler, ema, epoch, partial, script, args, **extra):
+def save_run(out, model, optimizer, scheduler, ema, epoch, partial, script, flags, **extra):
     """Rank 0 writes everything a resume needs (atomically); every process waits until it is written.
     epoch: the last finished epoch; partial: the position inside the next one (a preempted run)."""
     if is_main():
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                         "rng": rng_state(), "epoch": epoch, "partial": partial, "script": script, "args": args,
+                         "rng": rng_state(), "epoch": epoch, "partial": partial, "script": script, "args": flags,
                          **extra}, out)
     if world_size() > 1:
         dist.barrier()
@@ -726,11 +853,16 @@ class SavedActivationMeter:
             __slots__ = ("tensor", "key", "__weakref__")
 
             def __init__(self, t):
-                self.tensor, self.key = t, t.untyped_storage().data_ptr()
-                if self.key in meter.exclude or t.device.type == "meta":
-                    self.key = None
+                self.tensor, self.key, base = t, None, t
+                while torch._C._functorch.is_functorch_wrapped_tensor(base):  # forward-mode AD (torch.func.jvp)
+                    base = torch._C._functorch.get_unwrapped(base)
+                if base.device.type == "meta" or base._is_zerotensor():  # no memory behind it
                     return
-                entry = meter.live.setdefault(self.key, [0, t.untyped_storage().nbytes()])
+                key = base.untyped_storage().data_ptr()
+                if key in meter.exclude:
+                    return
+                self.key = key
+                entry = meter.live.setdefault(self.key, [0, base.untyped_storage().nbytes()])
                 if entry[0] == 0:
                     meter.current += entry[1]
                     meter.peak = max(meter.peak, meter.current)

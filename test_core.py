@@ -1453,3 +1453,160 @@ def test_an_image_with_more_objects_than_slots_takes_the_hungarian_loss_over_all
     assert not calls  # within M: the coupling's slots are the matching
     det.train_step(model, None, (x, three, None), [0, 1], None, args, torch.device("cpu"))
     assert len(calls) == 2  # one per block
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 17: flow-map heads (SGFlow)
+# ------------------------------------------------------------------------------------------------
+class StraightMap(nn.Module):
+    """g(z, feat, t, u) = a (b - z) / (1 - t): with a = 1 and b = z1 the exact flow map of the straight
+    conditional path to the single target z1 (v(t, z) = (z1 - z) / (1 - t), f = z + (u - t) v)."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.tensor(float(a), dtype=torch.float64)), nn.Parameter(b.clone())
+
+    def forward(self, z, feat, t, u):
+        return self.a * (self.b - z) / (1 - t)[:, None]
+
+
+def straight_problem(n=64):
+    g = torch.Generator().manual_seed(3)
+    z1 = torch.randn(5, generator=g, dtype=torch.float64)
+    z0 = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    t = torch.rand(n, generator=g, dtype=torch.float64) * 0.8
+    u = t + (0.95 - t) * torch.rand(n, generator=g, dtype=torch.float64)
+    return z1, z0, t, u
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_the_exact_flow_map_gets_no_sgflow_update_and_a_perturbed_one_does(split):
+    z1, z0, t, u = straight_problem()
+    for a, b, moves in ((1.0, z1, False), (1.1, z1, True), (1.0, z1 + 0.2, True)):
+        g = StraightMap(a, b)
+        loss, _ = core.sgflow_loss(g, None, z0, z1.expand_as(z0), t, u, split=split)
+        loss.backward()
+        size = g.a.grad.abs() + g.b.grad.abs().sum()
+        assert (size > 1e-3) if moves else (size < 1e-10 and abs(loss.item()) < 1e-12), (a, size)
+
+
+def test_sgflow_jvp_terms_are_finite_difference_directional_derivatives():
+    head = core.MLPFlowHead(4, 3, hidden=8, blocks=1, dropout=0.0, maps=True).double()
+    g = torch.Generator().manual_seed(0)
+    feat, z0, z1 = (torch.randn(6, n, generator=g, dtype=torch.float64) for n in (4, 3, 3))
+    t = torch.rand(6, generator=g, dtype=torch.float64) * 0.5
+    u = t + 0.3
+    xt, xdot = core.path(z0, z1, t)
+    v_hat = head(xt, feat, t, t).detach()
+    f = lambda tt, xx: core.flow_map(head, xx, feat, tt, u)  # noqa: E731
+    eps = 1e-6
+    d1 = (f(t + eps, xt + eps * xdot) - f(t - eps, xt - eps * xdot)) / (2 * eps)
+    d2 = (f(t, xt + eps * (xdot - v_hat)) - f(t, xt - eps * (xdot - v_hat))) / (2 * eps)
+    expected = (d1.pow(2).mean(1) - d2.pow(2).mean(1)).mean()
+    loss, _ = core.sgflow_loss(head, feat, z0, z1, t, u, split=False)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-9)
+    split, _ = core.sgflow_loss(head, feat, z0, z1, t, u, split=True)  # even rows the first term, odd the second
+    first = torch.arange(6) % 2 == 0
+    torch.testing.assert_close(split, 2 * (d1.pow(2).mean(1)[first].sum() - d2.pow(2).mean(1)[~first].sum()) / 6,
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_on_the_diagonal_sgflow_is_zero_with_the_flow_matching_gradient():
+    head = core.MLPFlowHead(4, 3, hidden=8, blocks=1, dropout=0.0, maps=True).double()
+    g = torch.Generator().manual_seed(1)
+    feat, z0, z1 = (torch.randn(8, n, generator=g, dtype=torch.float64) for n in (4, 3, 3))
+    t = torch.rand(8, generator=g, dtype=torch.float64)
+    loss, _ = core.sgflow_loss(head, feat, z0, z1, t, t, split=False)
+    assert abs(loss.item()) < 1e-12  # the stop-gradient copy equals the output
+    loss.backward()
+    sg = {n: p.grad.clone() for n, p in head.named_parameters()}
+    head.zero_grad()
+    xt, xdot = core.path(z0, z1, t)
+    torch.nn.functional.mse_loss(head(xt, feat, t, t), xdot).backward()
+    for n, p in head.named_parameters():
+        torch.testing.assert_close(sg[n], p.grad, rtol=1e-9, atol=1e-12)
+
+
+def flowmap_classifier(T, dtype=torch.float32, span="global"):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
+    heads = [core.MLPFlowHead(12, 8, hidden=16, blocks=1, dropout=0.0, maps=True) for _ in range(T)]
+    return core.FlowClassifier(ListOut(backbone), heads, 5, 8, probe_dim=12, objective="flowmap", span=span).to(dtype)
+
+
+def map_loss_fn(model, y, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    draws = {k: (torch.randn(len(y), model.dim, generator=g, dtype=torch.float64),
+                 torch.rand(len(y), 3, generator=g, dtype=torch.float64)) for k in range(model.T)}
+
+    def loss(k, f):
+        z0, d = (x.to(f[0].dtype) for x in draws[k])
+        return model.map_loss(k, f, y, z0, *core.sample_tu(k, model.T, model.span, d))
+    return loss
+
+
+@pytest.mark.parametrize("span", ["global", "local"])
+def test_flow_map_heads_keep_gradient_locality_and_blockwise_equals_joint(span):
+    model = flowmap_classifier(T=4, span=span)
+    x, y = batch()
+    core.blockwise_backward(model.backbone(x), [2], map_loss_fn(model, y))
+    for k, head in enumerate(model.heads):
+        assert all((p.grad is not None) == (k == 2) for p in head.parameters()), k
+    model = flowmap_classifier(T=3, dtype=torch.float64, span=span)
+    x, y = batch(dtype=torch.float64)
+    core.blockwise_backward(model.backbone(x), range(3), map_loss_fn(model, y))
+    blockwise = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    feats, loss = model.backbone(x), map_loss_fn(model, y)
+    sum(loss(k, feats) for k in range(3)).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(blockwise[n], p.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_flow_map_saved_activations_do_not_grow_with_T():
+    x, y = batch(32)
+    peaks = []
+    for T in (2, 12):
+        model = flowmap_classifier(T)
+        with core.SavedActivationMeter(exclude=list(model.parameters())) as meter:
+            core.blockwise_backward(model.backbone(x), range(T), map_loss_fn(model, y))
+        peaks.append(meter.peak)
+    assert peaks[0] > 0 and abs(peaks[1] / peaks[0] - 1) <= 0.05, peaks
+
+
+@pytest.mark.parametrize("span", ["global", "local"])
+def test_composing_an_exact_flow_map_gives_the_same_endpoint_for_any_step_count(span):
+    z1 = torch.randn(5, dtype=torch.float64)
+    exact = lambda k, z, t, u: z + ((u - t) / (1 - t))[:, None] * (z1 - z)  # noqa: E731
+    z0 = torch.randn(7, 5, dtype=torch.float64)
+    ends = [core.compose(exact, z0, 4, n, span) for n in (1, 2, 4, 8)]
+    for end in ends:
+        torch.testing.assert_close(end, z1.expand_as(z0), rtol=1e-9, atol=1e-9)
+    heads = []
+    core.compose(lambda k, z, t, u: heads.append((k, float(t[0]), float(u[0]))) or z, z0, 4, 1, span)
+    assert heads == ([(2, 0.0, 1.0)] if span == "global" else [(k, k / 4, (k + 1) / 4) for k in range(4)])
+
+
+def test_flow_map_evaluation_counts_every_sample_once_whatever_the_batch_size():
+    model = flowmap_classifier(T=3)
+    x, y = batch(37)
+    data = core.WithIndex(torch.utils.data.TensorDataset(x, y))
+    results = [core.evaluate_classifier(model, torch.utils.data.DataLoader(data, bs), torch.device("cpu"), ks=(1,))
+               for bs in (5, 37)]
+    assert results[0] == results[1]
+    hits = sum(core.topk_correct(model.logits(core.compose(
+        lambda k, z, t, u: model.flow_map(k, z, model.backbone(x), t, u), core.noise_for(torch.arange(37), (8,)), 3, 2)),
+        y, (1,)))
+    assert results[0]["acc_steps_2"] == hits / 37
+
+
+def test_flowmap_runs_log_accuracy_against_steps(tmp_path):
+    for span in ("global", "local"):
+        out = str(tmp_path / f"{span}.pt")
+        record = train_cls_cnn.main(parse(train_cls_cnn, ["--dataset", "digits", "--objective", "flowmap", "--span", span,
+                                                          "--epochs", "1", "--max-steps", "2", "--out", out]))
+        for n in core.MAP_STEPS:
+            assert 0 <= record[f"acc_steps_{n}"] <= 1 and 0 <= record[f"val_acc_steps_{n}"] <= 1
+    ckpt = core.load_checkpoint(out)
+    assert ckpt["args"]["objective"] == "flowmap" and "heads.0.time_u.mlp.0.weight" in ckpt["model"]

@@ -93,6 +93,11 @@ def get_args_parser(add_help=True):
                    help="flow MSE averaged over latent dims (A.1.1 'MSE') or summed (||.||^2 of Alg. 1)")
     # model: a --resume must match these (and --dataset, --method, --final): RESUME_MATCH
     arch = p.add_argument_group("model")
+    arch.add_argument("--objective", default="velocity", choices=["velocity", "flowmap"],
+                      help="heads learn the velocity (the paper), or the flow map f(t, u, z) with SGFlow's loss "
+                           "(any-step inference; logs acc_steps_1/2/4/8)")
+    arch.add_argument("--span", default="global", choices=["global", "local"],
+                      help="flowmap: every head maps all of [0, 1], or head k only its interval [k/T, (k+1)/T]")
     arch.add_argument("--T", type=int, default=5, help="number of flow heads (bp: stacked blocks)")
     arch.add_argument("--head", default="token", choices=["token", "mlp", "flat"],
                       help="token head (one transformer block, the latent as a query token) over the unpooled "
@@ -149,7 +154,7 @@ def parse_args(argv=None):
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"final": False, "test_every_epoch": False}
+OLD_CHECKPOINTS = {"objective": "velocity", "span": "global", "final": False, "test_every_epoch": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,16 +281,16 @@ class BPClassifier(nn.Module):
 class PooledMLPHead(core.MLPFlowHead):
     """--head mlp: the residual-MLP head on mean-pooled tokens."""
 
-    def forward(self, z, tokens, t):
-        return super().forward(z, tokens.mean(1), t)
+    def forward(self, z, tokens, t, u=None):
+        return super().forward(z, tokens.mean(1), t, u)
 
 
 class FlatMLPHead(core.MLPFlowHead):
     """--head flat: the residual-MLP head on the flattened token sequence [B, N * D] (D.2's literal
     reading: predictors on [z_t, t_emb, f(x)] with global pooling omitted)."""
 
-    def forward(self, z, tokens, t):
-        return super().forward(z, tokens.flatten(1), t)
+    def forward(self, z, tokens, t, u=None):
+        return super().forward(z, tokens.flatten(1), t, u)
 
 
 def build_model(args, num_classes, in_ch):
@@ -293,15 +298,19 @@ def build_model(args, num_classes, in_ch):
     backbone = ViTBackbone(args.img_size, args.patch, in_ch, args.dim, args.depth, args.heads, args.stem)
     if args.method == "bp":
         return BPClassifier(backbone, num_classes, args.dim, args.heads, args.T)
+    maps = args.objective == "flowmap"
     if args.head == "token":
-        heads = [core.TokenFlowHead(args.dim, args.dim, args.heads, dropout=args.dropout) for _ in range(args.T)]
+        heads = [core.TokenFlowHead(args.dim, args.dim, args.heads, dropout=args.dropout, maps=maps)
+                 for _ in range(args.T)]
     elif args.head == "mlp":
-        heads = [PooledMLPHead(args.dim, args.dim, args.hidden, args.head_blocks, args.dropout) for _ in range(args.T)]
+        heads = [PooledMLPHead(args.dim, args.dim, args.hidden, args.head_blocks, args.dropout, maps)
+                 for _ in range(args.T)]
     else:
         tokens = (args.img_size // args.patch) ** 2
-        heads = [FlatMLPHead(tokens * args.dim, args.dim, args.hidden, args.head_blocks, args.dropout)
+        heads = [FlatMLPHead(tokens * args.dim, args.dim, args.hidden, args.head_blocks, args.dropout, maps)
                  for _ in range(args.T)]
-    return core.FlowClassifier(backbone, heads, num_classes, args.dim, None, args.dim, guard=not args.no_guard)
+    return core.FlowClassifier(backbone, heads, num_classes, args.dim, None, args.dim, guard=not args.no_guard,
+                               objective=args.objective, span=args.span)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +335,10 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
         def head_loss(k, f):
             z0, u = (None, None) if index is None or noise_key is None else \
                 core.train_noise(index, (*noise_key, k), (model.dim,), device)
+            if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
+                key = None if noise_key is None else (*noise_key, k, 1)
+                t, u = core.sample_tu(k, model.T, model.span, core.uniforms(index, key, 3, len(y), device))
+                return model.map_loss(k, f, y, z0, t, u, args.lam)
             t = core.sample_t(len(y), k, model.T, args.time_split, device, args.t_dist, u)
             return model.head_loss(k, f, y, z0, t, args.lam, args.sigma_min, args.mse)
         losses = core.blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
@@ -343,6 +356,8 @@ def summary(record):
         if f"{prefix}acc{'_' + names[0] if names[0] else ''}" not in record:
             return ""
         line = " ".join(f"{n or 'acc'} {record[f'{prefix}acc' + ('_' + n if n else '')]:.4f}" for n in names)
+        if f"{prefix}acc_steps_1" in record:  # flow-map heads: top-1 with 1, 2, 4, 8 steps
+            line += " steps " + "/".join(f"{record[f'{prefix}acc_steps_{n}']:.4f}" for n in core.MAP_STEPS)
         raw = next((k for k in (f"{prefix}raw_acc_ensemble", f"{prefix}raw_acc") if k in record), None)
         return line + (f" (raw weights {record[raw]:.4f})" if raw else "")
     return " | ".join([f"loss {record['loss']:.4f}"] + [f"{name} {text}" for name, text in
@@ -405,7 +420,7 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
         sys.exit(f"error: {e}")
     forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
-                             args=vars(args), **extra)
+                             flags=vars(args), **extra)
     if core.is_main():
         print(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} "
               f"global; {core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps "

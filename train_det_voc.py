@@ -1172,7 +1172,7 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
         sys.exit(f"error: {e}")
     forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
-                             args=vars(args), **extra)
+                             flags=vars(args), **extra)
     if core.is_main():
         print(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} "
               f"global; {core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps "
