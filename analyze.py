@@ -51,6 +51,9 @@ def get_args_parser():
     p.add_argument("--grad-variance", action="store_true", help="per-block gradient variance, fm vs bp, T = 4, 6")
     p.add_argument("--curves", action="store_true", help="training curves from the runs' JSON-lines logs")
     p.add_argument("--memory", action="store_true", help="peak step memory and time vs T, fm vs bp")
+    p.add_argument("--speed", action="store_true",
+                   help="training images/s of fm and bp for every paper setup of every script (random data); "
+                        "extra flags (--amp, --compile, --channels-last) go to the scripts")
     # mode options
     p.add_argument("--probe-epochs", type=int, default=200, help="full-batch epochs of the probe")
     p.add_argument("--probe-lr", type=float, default=1e-2, help="probe learning rate")
@@ -62,6 +65,13 @@ def get_args_parser():
     p.add_argument("--script", default="train_det_voc.py", help="--memory: the training script to measure")
     p.add_argument("--Ts", default="4,8,16,20,24", help="--memory: numbers of blocks")
     p.add_argument("--mem-bs", type=int, default=8, help="--memory: batch size")
+    p.add_argument("--speed-bs", type=int, default=None,
+                   help="--speed: batch size (default: 8 on CPU, the setup's own on CUDA; ViT-B/16 and ResNet-50 at "
+                        "most 4 on CPU)")
+    p.add_argument("--speed-T", default=None, help="--speed: comma-separated T values (default: each setup's own)")
+    p.add_argument("--speed-setups", default=None,
+                   help="--speed: only these, e.g. train_cls_cnn.py:cifar10,train_det_voc.py:voc2007")
+    p.add_argument("--speed-steps", type=int, default=3, help="--speed: timed steps per row (after 2 warm-up steps)")
     return p
 
 
@@ -477,7 +487,8 @@ def fake_batch(module, margs, bs, device):
             cxcy, wh = torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.1
             targets.append({"labels": torch.randint(0, 20, (n,), generator=g), "boxes_norm": torch.cat([cxcy, wh], 1)})
         return x.to(device), targets, 20
-    size = margs.img_size or getattr(module, "IMG_SIZE", {}).get(margs.dataset, 32)
+    size = margs.img_size or (224 if module.__name__ == "finetune_vit" else  # ViT-B/16's own input size
+                              getattr(module, "IMG_SIZE", {}).get(margs.dataset, 32))
     in_ch = 1 if margs.dataset in ("digits", "mnist") and module.__name__ != "finetune_vit" else 3  # ViT-B: RGB
     return torch.randn(bs, in_ch, size, size, generator=g).to(device), torch.randint(0, 10, (bs,), generator=g).to(device), 10
 
@@ -527,17 +538,119 @@ def mode_memory(args, extra, device):
     return rows, fig
 
 
+# every paper setup of every script (Appendix D)
+SPEED_SETUPS = [("train_cls_cnn.py", d) for d in ("cifar10", "cifar100", "mnist", "tinyimagenet")] + \
+    [("train_cls_vit.py", d) for d in ("cifar10", "cifar100", "mnist", "tinyimagenet")] + \
+    [("finetune_vit.py", d) for d in ("cifar10", "cifar100", "imagenet-r")] + [("train_det_voc.py", "voc2007")]
+
+
+def timed_noise():
+    """Wrap core's per-sample noise functions so that the seconds spent in them are counted (`seconds[0]`):
+    the host-side work that --speed reports as host_share. Returns (seconds, undo)."""
+    seconds, originals = [0.0], {name: getattr(core, name) for name in ("train_noise", "noise_for", "uniforms")}
+
+    def wrap(fn):
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            out = fn(*a, **kw)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds[0] += time.perf_counter() - start
+            return out
+        return timed
+    for name, fn in originals.items():
+        setattr(core, name, wrap(fn))
+    return seconds, lambda: [setattr(core, name, fn) for name, fn in originals.items()]
+
+
+def speed_row(script, dataset, method, T, bs, extra, device, steps):
+    """Training images/s of one setup: a random batch on the device and the script's own train_step,
+    gradient clipping and AdamW step, 2 warm-up steps then `steps` timed ones. host_share: the share of
+    the step spent generating per-sample noise (core.train_noise / uniforms), the host-side work."""
+    module = importlib.import_module(script[:-3])
+    argv = ["--dataset", dataset, "--method", method] + (["--T", str(T)] if T else []) + extra
+    if script in ("train_det_voc.py", "finetune_vit.py"):
+        argv.append("--no-pretrained")  # random data: the weights do not matter, and nothing is downloaded
+    margs = module.parse_args(argv)
+    x, y, classes = fake_batch(module, margs, bs, device)
+    params = inspect.signature(module.build_model).parameters
+    torch.manual_seed(0)
+    model = module.build_model(margs, classes, *([x.shape[1]] if "in_ch" in params else [])).to(device).train()
+    if getattr(margs, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if getattr(margs, "compile", False):
+        core.compile_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    heads = list(range(margs.T))
+    batch = (x, y, torch.arange(bs))
+
+    def step(i):
+        optimizer.zero_grad(set_to_none=True)
+        module.train_step(model, None, batch, heads, (0, 0, i), margs, device)
+        core.clip_and_step(optimizer, model.parameters(), 1.0)
+    for i in range(2):
+        step(i)
+    noise, undo = timed_noise()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        for i in range(steps):
+            step(2 + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        undo()
+    seconds = time.perf_counter() - start
+    return {"script": script, "setup": dataset, "method": method, "T": margs.T, "batch": bs,
+            "amp": bool(getattr(margs, "amp", False)), "compile": bool(getattr(margs, "compile", False)),
+            "channels_last": bool(getattr(margs, "channels_last", False)), "device": str(device),
+            "img_per_s": bs * steps / seconds, "host_share": noise[0] / seconds}
+
+
+def mode_speed(args, extra, device):
+    """analyze.py --speed: training throughput of fm and bp for every paper setup (random data), the fm/bp
+    ratio and the host share of the step; a table, speed.json and a bar chart of the ratios."""
+    wanted = set(args.speed_setups.split(",")) if args.speed_setups else None
+    rows = []
+    for script, dataset in SPEED_SETUPS:
+        if wanted is not None and f"{script}:{dataset}" not in wanted:
+            continue
+        big = script in ("finetune_vit.py", "train_det_voc.py")  # ViT-B/16 at 224 px, ResNet-50 at 256 px
+        bs = args.speed_bs or (None if device.type == "cuda" else (4 if big else 8))
+        if bs is None:
+            bs = importlib.import_module(script[:-3]).parse_args(["--dataset", dataset]).bs
+        Ts = [int(t) for t in args.speed_T.split(",")] if args.speed_T else [None]
+        for T in Ts:
+            pair = {m: speed_row(script, dataset, m, T, bs, extra, device, args.speed_steps) for m in ("fm", "bp")}
+            for row in pair.values():
+                row["fm_over_bp"] = pair["fm"]["img_per_s"] / pair["bp"]["img_per_s"]
+                rows.append(row)
+            print(f"speed  {script:17s} {dataset:12s} T={pair['fm']['T']:2d} bs={bs:3d}: fm {pair['fm']['img_per_s']:8.1f} "
+                  f"img/s (host {pair['fm']['host_share']:.1%})  bp {pair['bp']['img_per_s']:8.1f} img/s  "
+                  f"fm/bp {pair['fm']['fm_over_bp']:.2f}", flush=True)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    fm_rows = [r for r in rows if r["method"] == "fm"]
+    ax.bar(range(len(fm_rows)), [r["fm_over_bp"] for r in fm_rows])
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(fm_rows)), [f"{r['script'][:-3]}\n{r['setup']} T={r['T']}" for r in fm_rows], rotation=45,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("fm / bp training images per second")
+    ax.set_title(f"Training throughput, {device}, amp={bool(fm_rows and fm_rows[0]['amp'])}")
+    return rows, fig
+
+
 def main(args, extra):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
         torch.device(args.device)
-    modes = [m for m in ("probe", "inference", "geometry", "refinement", "grad_variance", "curves", "memory")
+    modes = [m for m in ("probe", "inference", "geometry", "refinement", "grad_variance", "curves", "memory", "speed")
              if getattr(args, m)]
     if not modes:
         sys.exit("error: choose at least one mode (--probe, --inference, --geometry, --refinement, --grad-variance, "
-                 "--curves, --memory)")
-    if set(modes) - {"memory"} and not args.ckpt:
-        sys.exit("error: every mode but --memory needs --ckpt")
-    if extra and "memory" not in modes:
+                 "--curves, --memory, --speed)")
+    if set(modes) - {"memory", "speed"} and not args.ckpt:
+        sys.exit("error: every mode but --memory and --speed needs --ckpt")
+    if extra and not {"memory", "speed"} & set(modes):
         sys.exit(f"error: unrecognized arguments: {' '.join(extra)}")
     try:
         runs = [Run(path, device) for path in args.ckpt]
@@ -548,8 +661,8 @@ def main(args, extra):
     results = {}
     for mode in modes:
         try:
-            if mode == "memory":
-                rows, fig = mode_memory(args, extra, device)
+            if mode in ("memory", "speed"):
+                rows, fig = globals()[f"mode_{mode}"](args, extra, device)
             else:
                 rows, fig = globals()[f"mode_{mode}"](runs, args)
         except core.DataError as e:
@@ -557,7 +670,7 @@ def main(args, extra):
         with open(os.path.join(outdir, f"{mode}.json"), "w") as f:
             json.dump(rows, f, indent=1)
         if fig is not None:
-            if mode not in ("probe", "inference"):  # stages, steps, blocks, epochs and T are whole numbers
+            if mode not in ("probe", "inference", "speed"):  # stages, steps, blocks, epochs and T are whole numbers
                 for ax in fig.axes:
                     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             fig.tight_layout()

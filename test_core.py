@@ -5,6 +5,7 @@ activation memory, exact ODE solvers, the sequential schedule, the collapse guar
 end-to-end runs of the scripts on the offline digits data, resume, and user-error messages.
 """
 import copy
+import json
 import os
 import struct
 import types
@@ -1610,3 +1611,72 @@ def test_flowmap_runs_log_accuracy_against_steps(tmp_path):
             assert 0 <= record[f"acc_steps_{n}"] <= 1 and 0 <= record[f"val_acc_steps_{n}"] <= 1
     ckpt = core.load_checkpoint(out)
     assert ckpt["args"]["objective"] == "flowmap" and "heads.0.time_u.mlp.0.weight" in ckpt["model"]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 18: device noise, one read-back per step, --speed, --compile / --channels-last
+# ------------------------------------------------------------------------------------------------
+def test_device_noise_is_per_sample_batch_and_split_independent_and_normal():
+    idx = torch.randperm(5000)[:512]
+    z, u = core.train_noise(idx, (0, 1, 0, 2), (33,), kind="device")
+    part, upart = core.train_noise(idx[100:300], (0, 1, 0, 2), (33,), kind="device")  # another batch / process
+    assert torch.equal(z[100:300], part) and torch.equal(u[100:300], upart)
+    assert not torch.equal(z, core.train_noise(idx, (0, 1, 0, 3), (33,), kind="device")[0])  # the key matters
+    big = core.counter_normal(torch.arange(4000), (7,), 64)  # 256,000 draws
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01 and abs((big ** 4).mean() - 3) < 0.05
+    corr = torch.corrcoef(big)  # 4000 samples: no two rows alike
+    assert corr[~torch.eye(len(corr), dtype=torch.bool)].abs().max() < 0.75
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.05
+    e1, e2 = core.noise_for(idx, (4, 3), 5, kind="device"), core.noise_for(idx[:7], (4, 3), 5, kind="device")
+    assert e1.shape == (512, 4, 3) and torch.equal(e1[:7], e2)
+    # 'auto' keeps the host stream on CPU (every CPU result was measured with it)
+    torch.testing.assert_close(core.train_noise(idx, (1,), (5,))[0], core.train_noise(idx, (1,), (5,), kind="host")[0])
+
+
+def test_a_flow_step_reads_its_loss_values_back_once(monkeypatch):
+    args = parse(train_cls_cnn, ["--dataset", "digits", "--channels", "8,16,32", "--dim", "16", "--hidden", "32"])
+    model = train_cls_cnn.build_model(args, 10, 1)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    optimizer = torch.optim.AdamW(model.parameters())
+    reads = []  # values of floating-point tensors brought to the host (a GPU would synchronise on each)
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: (
+            reads.append(_name) if self.is_floating_point() else None) or _real(self, *a))
+    losses = train_cls_cnn.train_step(model, None, (x, y, torch.arange(16)), [0, 1, 2], (0, 0, 0), args,
+                                      torch.device("cpu"))
+    assert reads == ["tolist"] and set(losses) == {"loss", "probe", "loss_h0", "loss_h1", "loss_h2"}
+    # the clipping norm stays a tensor (AdamW's own reads are of its step counters, which live on the host)
+    assert torch.is_tensor(core.clip_and_step(optimizer, model.parameters()))
+    assert torch.is_tensor(losses["probe"])  # read with the epoch's sums
+
+
+def test_channels_last_gives_the_same_step_and_compile_keeps_the_checkpoint_keys():
+    out = {}
+    for last in (False, True):
+        args = parse(train_cls_cnn, ["--dataset", "digits", "--channels", "8,16,32", "--dim", "16", "--hidden", "32",
+                                     "--dropout", "0"] + (["--channels-last"] if last else []))
+        torch.manual_seed(0)
+        model = train_cls_cnn.build_model(args, 10, 1)
+        if last:
+            model = model.to(memory_format=torch.channels_last)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+        out[last] = train_cls_cnn.train_step(model, None, (x, y, torch.arange(16)), [0, 1, 2], (0, 0, 0), args,
+                                             torch.device("cpu"))["loss"]
+        keys = list(model.state_dict())
+        core.compile_model(model)  # lazy: compiles at the first call; the checkpoint keys do not change
+        assert list(model.state_dict()) == keys
+    assert abs(out[False] - out[True]) < 1e-4
+
+
+def test_speed_benchmark_writes_a_row_per_method_with_the_ratio(tmp_path):
+    rows = analyze.main(analyze.get_args_parser().parse_args(
+        ["--speed", "--speed-setups", "train_cls_cnn.py:mnist", "--speed-bs", "4", "--speed-steps", "1",
+         "--outdir", str(tmp_path)]), ["--channels", "8,16,32", "--dim", "16", "--hidden", "32"])["speed"]
+    assert [r["method"] for r in rows] == ["fm", "bp"] and rows[0]["T"] == 3 and rows[0]["batch"] == 4
+    for r in rows:
+        assert r["img_per_s"] > 0 and 0 <= r["host_share"] < 1 and r["device"] == "cpu" and not r["amp"]
+        assert r["fm_over_bp"] == rows[0]["img_per_s"] / rows[1]["img_per_s"]
+    saved = json.load(open(tmp_path / "speed.json"))
+    assert {"script", "setup", "method", "T", "batch", "amp", "device", "img_per_s", "host_share"} <= set(saved[0])

@@ -123,6 +123,9 @@ def get_args_parser(add_help=True):
                    help="EMA model's BatchNorm statistics: averaged like the weights, or the trained model's")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and each head (bp: the model) in place; measured by analyze.py --speed")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
     # augmentation (CIFAR, TinyImageNet)
     p.add_argument("--crop-flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random crop (padding 1/8) + horizontal flip before AutoAugment; D.2 states AutoAugment alone")
@@ -160,7 +163,7 @@ def parse_args(argv=None):
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"objective": "velocity", "span": "global", "feat_norm": "none", "crop_flip": True, "erasing": 0.0, "final": False, "test_every_epoch": False}
+OLD_CHECKPOINTS = {"compile": False, "channels_last": False, "objective": "velocity", "span": "global", "feat_norm": "none", "crop_flip": True, "erasing": 0.0, "final": False, "test_every_epoch": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,13 +314,16 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
     cross-entropy and one joint backward. forward: the DDP wrapper under torchrun, else None."""
     x, y, index = batch
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with core.autocast(device, args.amp):
         if args.method == "bp":
             loss = F.cross_entropy((forward or model)(x).float(), y)
-            if not math.isfinite(loss.item()):
-                raise core.NonFiniteLoss("bp", loss.item())
+            value = loss.item()  # the step's one read-back to the host
+            if not math.isfinite(value):
+                raise core.NonFiniteLoss("bp", value)
             loss.backward()
-            return {"loss": loss.item()}
+            return {"loss": value}
         feats = (forward or model.backbone)(x)
 
         def head_loss(k, f):
@@ -331,8 +337,8 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
             return model.head_loss(k, f, y, z0, t, args.lam, args.sigma_min, args.mse)
         losses = core.blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
         probe = model.probe_loss(feats, y)
-    probe.backward()
-    return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(),
+    probe.backward()  # its value stays on the device until the epoch's sums are read
+    return {"loss": sum(losses.values()) / len(losses), "probe": probe.detach(),
             **{f"loss_h{k}": v for k, v in losses.items()}}
 
 
@@ -376,11 +382,15 @@ def main(args):
     loaders = {name: torch.utils.data.DataLoader(core.shard(data), 512, shuffle=False, num_workers=args.workers)
                for name, data in (("val", val_set), ("test", test_set)) if data is not None}
     model = build_model(args, num_classes, in_ch).to(device)
+    if args.channels_last:  # NHWC convolutions; train_step converts each batch
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     passes = core.head_schedule(args.T, args.method == "fm" and args.mode == "sequential")
     steps = core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
     ema = core.make_ema(model, args.ema, args.ema_bn) if args.ema > 0 else None
+    if args.compile:
+        core.compile_model(model)
     if core.is_main():  # once data and model are built, so a bad input stops with its error line alone
         print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
         print(f"{args.method} on {args.dataset}: T={args.T} mode={args.mode} topology={args.topology} "

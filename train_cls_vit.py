@@ -124,6 +124,8 @@ def get_args_parser(add_help=True):
                    help="EMA model's BatchNorm statistics (conv stem): averaged like the weights, or the trained model's")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and each head (bp: the model) in place; measured by analyze.py --speed")
     # run
     p.add_argument("--seed", type=int, default=0, help="random seed (also seeds evaluation noise)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
@@ -154,7 +156,7 @@ def parse_args(argv=None):
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"objective": "velocity", "span": "global", "final": False, "test_every_epoch": False}
+OLD_CHECKPOINTS = {"compile": False, "objective": "velocity", "span": "global", "final": False, "test_every_epoch": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,10 +328,11 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
     with core.autocast(device, args.amp):
         if args.method == "bp":
             loss = F.cross_entropy((forward or model)(x).float(), y)
-            if not math.isfinite(loss.item()):
-                raise core.NonFiniteLoss("bp", loss.item())
+            value = loss.item()  # the step's one read-back to the host
+            if not math.isfinite(value):
+                raise core.NonFiniteLoss("bp", value)
             loss.backward()
-            return {"loss": loss.item()}
+            return {"loss": value}
         feats = (forward or model.backbone)(x)
 
         def head_loss(k, f):
@@ -343,8 +346,8 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
             return model.head_loss(k, f, y, z0, t, args.lam, args.sigma_min, args.mse)
         losses = core.blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
         probe = model.probe_loss(feats, y)
-    probe.backward()
-    return {"loss": sum(losses.values()) / len(losses), "probe": probe.item(),
+    probe.backward()  # its value stays on the device until the epoch's sums are read
+    return {"loss": sum(losses.values()) / len(losses), "probe": probe.detach(),
             **{f"loss_h{k}": v for k, v in losses.items()}}
 
 
@@ -393,6 +396,8 @@ def main(args):
     steps = core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
     ema = core.make_ema(model, args.ema, args.ema_bn) if args.ema > 0 else None
+    if args.compile:
+        core.compile_model(model)
     if core.is_main():  # once data and model are built, so a bad input stops with its error line alone
         print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
         print(f"{args.method} on {args.dataset}: ViT[{args.dim} {args.depth} {args.heads}] T={args.T} mode={args.mode} "

@@ -141,6 +141,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and each head (bp: the model) in place; measured by analyze.py --speed")
     # inference
     p.add_argument("--score-thresh", type=float, default=0.05, help="keep detections with score >= this")
     p.add_argument("--nms", type=float, default=0.5, help="per-class NMS IoU threshold")
@@ -207,7 +209,7 @@ def parse_args(argv=None):
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block", "predict": "velocity",
+OLD_CHECKPOINTS = {"compile": False, "hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block", "predict": "velocity",
                    "coupling": "index", "train_path": "line", "z0_std": 1.0, "z0_infer": "noise", "aux_loss": False,
                    "final": False, "test_every_epoch": False}
 
@@ -1057,10 +1059,11 @@ def train_step(model, forward, batch, blocks, noise_key, args, device):
         if args.method == "bp":
             outs = (forward or model)(x, every_layer=True) if args.aux_loss else [(forward or model)(x)]
             loss = sum(detection_loss(logits, boxes, targets, model.num_classes) for logits, boxes in outs)
-            if not torch.isfinite(loss):
-                raise core.NonFiniteLoss("bp", loss.item())
+            value = loss.item()
+            if not math.isfinite(value):
+                raise core.NonFiniteLoss("bp", value)
             loss.backward()
-            return {"loss": loss.item()}
+            return {"loss": value}
         feats = (forward or model.backbone)(x)
         slots = slot_targets(targets, args.slots, model.num_classes, x.device)[:2]
 
@@ -1128,6 +1131,8 @@ def main(args):
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd,
                                   foreach=True)  # torch's multi-tensor step, also on CPU (faster there too)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [args.lr_drop], 0.1)  # stepped per epoch
+    if args.compile:
+        core.compile_model(model)
     passes = core.head_schedule(args.T, args.method == "fm" and args.mode == "sequential")
     if core.is_main():  # once data and model are built, so a bad input stops with its error line alone
         print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
