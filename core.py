@@ -569,8 +569,9 @@ class WithIndex(torch.utils.data.Dataset):
 
 class Seeded(torch.utils.data.Dataset):
     """Each item's random augmentation comes from the torch RNG seeded by (seed, epoch, index) in a forked
-    RNG: it depends neither on batch size, processes, loader workers, nor where a run was resumed.
-    `train_one_epoch` sets `epoch` before every pass."""
+    RNG: it depends neither on batch size, processes, loader workers, nor where a run was resumed. An
+    item is asked for as (epoch, index) by the training loader (`train_loader`: its persistent workers
+    keep their own copy of the dataset), or as a plain index, read at `self.epoch`."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -579,8 +580,9 @@ class Seeded(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, int(i))) % (2 ** 63))
+            torch.manual_seed(hash((self.seed, epoch, int(i))) % (2 ** 63))
             return self.dataset[i]
 
 
@@ -991,24 +993,50 @@ class Preempted(Exception):
         self.position = position
 
 
+class PassBatches(torch.utils.data.Sampler):
+    """The batch sampler of a run's training loader: `train_one_epoch` sets the batches (lists of indices)
+    and the pass number before each pass; for a Seeded dataset each index goes out as (pass, index)."""
+
+    def __init__(self, tagged):
+        super().__init__()
+        self.tagged, self.batches, self.tag = tagged, [], 0
+
+    def __iter__(self):
+        return iter([[(self.tag, i) for i in b] for b in self.batches] if self.tagged else self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def train_loader(train_set, workers=0, collate_fn=None, device="cpu"):
+    """One DataLoader for a whole run: its worker processes persist across passes and epochs (a pass of
+    Algorithm 1 no longer restarts them), while each pass's batch order and each item's augmentation stay
+    fixed by (seed, epoch, pass, index), so a resumed run is still bit-identical. Its own generator keeps
+    iterator creation off the global RNG."""
+    return DataLoader(train_set, batch_sampler=PassBatches(isinstance(train_set, Seeded)), num_workers=workers,
+                      collate_fn=collate_fn, pin_memory=torch.device(device).type == "cuda",
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+
+
 def _one_line(e):
     """The message of an exception raised in a DataLoader worker (which wraps it in a traceback)."""
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     return lines[-1].split(": ", 1)[-1] if lines and "Traceback" in str(e) else (lines[0] if lines else repr(e))
 
 
-def train_one_epoch(model, train_step, passes, optimizer, scheduler, train_set, epoch, *, bs, seed, clip=1.0,
-                    max_steps=0, workers=0, collate_fn=None, forward=None, local_params=(), ema=None,
-                    schedule_per_step=True, preempt=None, resume=None, peak=None, epochs=None):
-    """One epoch: for each pass (its heads from `passes`, e.g. `head_schedule`), the batches fixed by
-    (seed, epoch, pass); per batch train_step(model, forward, batch, heads, noise_key) runs forward and
+def train_one_epoch(model, train_step, passes, optimizer, scheduler, loader, epoch, *, bs, seed, clip=1.0,
+                    max_steps=0, forward=None, local_params=(), ema=None, schedule_per_step=True, preempt=None,
+                    resume=None, peak=None, epochs=None):
+    """One epoch over `loader` (a `train_loader`): for each pass (its heads from `passes`, e.g.
+    `head_schedule`), the batches fixed by (seed, epoch, pass); per batch
+    train_step(model, forward, batch, heads, noise_key) runs forward and
     backward (noise_key = (seed, epoch, pass) keys the per-sample noise), then the heads' gradients are
     reduced over processes (`local_params`), clipped, and the optimiser, per-step scheduler and EMA step.
     forward: the DDP wrapper (`distribute`) or None. resume: the position a preempted run saved. peak:
     the step memory measured so far (measured on the first step when None).
     Returns (mean of each logged loss, peak). Raises Preempted after the step during which SIGTERM came,
     NonFiniteLoss with .step set, DataError with one line for data a loader worker could not read."""
-    device = next(model.parameters()).device
+    device, train_set = next(model.parameters()).device, loader.dataset
     world = world_size()
     per_pass = steps_per_pass(train_set, bs, seed, max_steps)
     drop_last = len(train_set) > bs * world
@@ -1017,17 +1045,12 @@ def train_one_epoch(model, train_step, passes, optimizer, scheduler, train_set, 
     sums, count = (dict(resume["sums"]), resume["count"]) if resume else ({}, 0)
     bar = tqdm(total=len(passes) * per_pass, initial=count, desc=f"epoch {epoch + 1}/{epochs or '?'}", leave=False,
                disable=None if is_main() else True)
-    loader_kw = dict(num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
     try:
         for p in range(resume["pass"] if resume else 0, len(passes)):
             skip = resume["step"] if resume and p == resume["pass"] else 0
             order = epoch_batches(train_set, bs, epoch * len(passes) + p, seed, drop_last)
             key = (seed, epoch, p)
-            if isinstance(train_set, Seeded):
-                train_set.epoch = epoch * len(passes) + p
-            # own generator: creating the iterator must not draw from the global RNG (resume)
-            loader = DataLoader(train_set, batch_sampler=order[skip:per_pass], **loader_kw,
-                                generator=torch.Generator().manual_seed(hash(key) % (2 ** 63)))
+            loader.batch_sampler.batches, loader.batch_sampler.tag = order[skip:per_pass], epoch * len(passes) + p
             for i, batch in enumerate(loader, start=skip):
                 optimizer.zero_grad(set_to_none=True)
                 if peak is None:  # memory of one training step, measured once on a copy of the model

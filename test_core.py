@@ -1680,3 +1680,18 @@ def test_speed_benchmark_writes_a_row_per_method_with_the_ratio(tmp_path):
         assert r["fm_over_bp"] == rows[0]["img_per_s"] / rows[1]["img_per_s"]
     saved = json.load(open(tmp_path / "speed.json"))
     assert {"script", "setup", "method", "T", "batch", "amp", "device", "img_per_s", "host_share"} <= set(saved[0])
+
+
+def test_persistent_loader_workers_see_the_same_augmented_batches_as_no_workers(tmp_path):
+    data = str(tmp_path / "data")
+    det.write_minivoc(data, n_train=12, n_test=8)
+    logs = []
+    for workers in ("0", "2"):  # Algorithm 1: two passes per epoch, two epochs, random box-keeping crops
+        out = str(tmp_path / f"w{workers}.pt")
+        argv = SMALL_DET + ["--data", data, "--mode", "sequential", "--epochs", "2", "--crop", "0.6",
+                            "--workers", workers, "--out", out]
+        det.main(parse(det, argv))
+        logs.append([{k: v for k, v in r.items() if k != "time"} for r in records(out)])
+    assert logs[0] == logs[1] and len(logs[0]) == 2
+    loader = core.train_loader(core.Seeded(core.WithIndex(torch.utils.data.TensorDataset(torch.arange(6.0))), 0), 2)
+    assert loader.persistent_workers and loader.batch_sampler.tagged

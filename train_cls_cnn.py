@@ -406,7 +406,8 @@ def main(args):
 # ----------------------------------------------------------------------------------------------
 # The run: resume, epochs, evaluation, log, checkpoint (the same text in every script)
 # ----------------------------------------------------------------------------------------------
-def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluate, extra, **engine):
+def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluate, extra, collate_fn=None,
+        **engine):
     """Train args.epochs epochs with core.train_one_epoch; per epoch evaluate["val"] (logged as val_*),
     after the last evaluate["test"] (every epoch with --test-every-epoch), one printed line, one JSON
     line in the log beside --out, then an atomic checkpoint. SIGTERM: save the position, exit 143."""
@@ -417,6 +418,7 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
     except core.CheckpointError as e:
         sys.exit(f"error: {e}")
     forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
+    loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)
     if core.is_main():
@@ -430,10 +432,9 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
             t0 = time.time() - (resume["elapsed"] if resume else 0.0)
             try:
                 losses, peak = core.train_one_epoch(
-                    model, step, passes, optimizer, scheduler, train_set, epoch, bs=args.bs, seed=args.seed,
-                    clip=args.clip, max_steps=args.max_steps, workers=args.workers, forward=forward,
-                    local_params=local, ema=ema, preempt=preempt, resume=resume, peak=peak, epochs=args.epochs,
-                    **engine)
+                    model, step, passes, optimizer, scheduler, loader, epoch, bs=args.bs, seed=args.seed,
+                    clip=args.clip, max_steps=args.max_steps, forward=forward, local_params=local, ema=ema,
+                    preempt=preempt, resume=resume, peak=peak, epochs=args.epochs, **engine)
             except core.Preempted as stop:  # the step is done: save the position inside the epoch, exit
                 save(epoch - 1, stop.position)
                 if core.is_main():
