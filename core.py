@@ -193,13 +193,13 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
     return mse, z1_hat
 
 
-def sample_tu(head, T, span, draws):
-    """(t, u), t <= u, per sample for a flow-map head from three U[0, 1) draws [n, 3]. With probability 1/4
-    t = u (the diagonal, where the SGFlow loss is flow matching); otherwise the two draws sorted. span
-    'global': t, u in [0, 1] (every head a full-range map); 'local': in [k/T, (k+1)/T] (head k's interval).
-    Theorem 1 of SGFlow needs positive probability on t = u and on t < u; 1/4 is our choice."""
+def sample_tu(head, T, span, draws, diag=0.25):
+    """(t, u), t <= u, per sample for a flow-map head from three U[0, 1) draws [n, 3]. With probability
+    `diag` t = u (the diagonal, where the SGFlow loss is flow matching); otherwise the two draws sorted.
+    span 'global': t, u in [0, 1] (every head a full-range map); 'local': in [k/T, (k+1)/T] (head k's
+    interval). Theorem 1 of SGFlow needs positive probability on t = u and on t < u; 1/4 is our default."""
     lo, hi = draws[:, :2].min(1).values, draws[:, :2].max(1).values
-    hi = torch.where(draws[:, 2] < 0.25, lo, hi)
+    hi = torch.where(draws[:, 2] < diag, lo, hi)
     return ((head + lo) / T, (head + hi) / T) if span == "local" else (lo, hi)
 
 

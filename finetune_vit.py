@@ -83,6 +83,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
                    help="t in training: U[0,1] (paper), u^2 (more weight near t=0) or 0")
+    p.add_argument("--diag", type=float, default=0.25,
+                   help="flowmap: share of (t, u) draws on the diagonal t = u, where the SGFlow loss is flow matching")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the CE on the t = 1 estimate (paper 1)")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE reduction over latent dims")
     # model: a --resume must match these (and --dataset, --method, --final): RESUME_MATCH
@@ -157,7 +159,8 @@ def parse_args(argv=None):
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"compile": False, "objective": "velocity", "span": "global", "depth": None, "feat_norm": "none", "final": False, "test_every_epoch": False}
+OLD_CHECKPOINTS = {"diag": 0.25, "compile": False, "objective": "velocity", "span": "global", "depth": None,
+                   "feat_norm": "none", "final": False, "test_every_epoch": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
                 core.train_noise(index, (*noise_key, k), (model.dim,), device)
             if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
                 key = None if noise_key is None else (*noise_key, k, 1)
-                t, u = core.sample_tu(k, model.T, model.span, core.uniforms(index, key, 3, len(y), device))
+                t, u = core.sample_tu(k, model.T, model.span, core.uniforms(index, key, 3, len(y), device), args.diag)
                 return model.map_loss(k, f, y, z0, t, u, args.lam)
             t = core.sample_t(len(y), k, model.T, args.time_split, device, args.t_dist, u)
             return model.head_loss(k, f, y, z0, t, args.lam, args.sigma_min, args.mse)

@@ -1695,3 +1695,12 @@ def test_persistent_loader_workers_see_the_same_augmented_batches_as_no_workers(
     assert logs[0] == logs[1] and len(logs[0]) == 2
     loader = core.train_loader(core.Seeded(core.WithIndex(torch.utils.data.TensorDataset(torch.arange(6.0))), 0), 2)
     assert loader.persistent_workers and loader.batch_sampler.tagged
+
+
+def test_map_times_put_the_asked_share_on_the_diagonal_and_keep_t_below_u():
+    draws = torch.rand(4000, 3, generator=torch.Generator().manual_seed(0))
+    for diag in (0.0, 0.25, 1.0):
+        t, u = core.sample_tu(0, 4, "global", draws, diag)
+        assert (t <= u).all() and abs((t == u).float().mean() - diag) < 0.03
+    t, u = core.sample_tu(2, 4, "local", draws)  # head 2 of 4 owns [0.5, 0.75]
+    assert (0.5 <= t).all() and (u <= 0.75).all() and (t <= u).all()

@@ -209,9 +209,12 @@ def parse_args(argv=None):
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"compile": False, "hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block", "predict": "velocity",
-                   "coupling": "index", "train_path": "line", "z0_std": 1.0, "z0_infer": "noise", "aux_loss": False,
-                   "final": False, "test_every_epoch": False}
+OLD_CHECKPOINTS = {"compile": False, "hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block",
+                   "predict": "velocity",
+                   "coupling": "index", "train_path": "line",
+                   "z0_std": 1.0, "z0_infer": "noise", "aux_loss": False,
+                   "final": False,
+                   "test_every_epoch": False}
 
 
 # ----------------------------------------------------------------------------------------------
