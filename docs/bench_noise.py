@@ -13,14 +13,8 @@ def dev(i, k, s):
     return core.train_noise(i, k, s, kind='device')
 
 
-def train_noise_loop(indices, key, shape, device="cpu"):  # core.train_noise before issue 18
-    gen = torch.Generator()
-    z0, u = torch.empty((len(indices), *shape)), torch.empty(len(indices))
-    for row, idx in enumerate(indices.tolist()):
-        gen.manual_seed(hash((*key, int(idx))) % (2 ** 63))
-        z0[row] = torch.randn(shape, generator=gen)
-        u[row] = torch.rand((), generator=gen)
-    return z0.to(device), u.to(device)
+def train_noise_loop(indices, key, shape):  # the per-sample host generator (the CPU default)
+    return core.train_noise(indices, key, shape, kind="host")
 
 
 idx = torch.randperm(50000)[:512]
