@@ -60,9 +60,10 @@ SETUPS = {
     "cifar100": dict(epochs=10, bs=32, lr=1e-4, warmup=0, **PAPER),
     "imagenet-r": dict(epochs=50, bs=64, lr=1e-3, warmup=0, **PAPER),
     # from random init on CPU; t ~ u^2, lam 3 and 60 epochs chosen on validation (docs/research_notes.md)
-    "digits": dict(epochs=60, bs=64, lr=1e-3, warmup=2, t_dist="early", lam=3.0),
+    "digits": dict(epochs=60, bs=64, lr=1e-3, warmup=2, t_dist="early", lam=3.0, diag=0.75),
 }
-# digits, bp: 30 epochs; both methods' digits recipes chosen on the validation split (docs/research_notes.md)
+# digits, bp: 30 epochs; both methods' digits recipes (and flowmap's diag 0.75) chosen on the validation
+# split (docs/research_notes.md)
 BP_DIGITS = {"epochs": 30}
 # digits from random init (no --weights): a 4-block ViT on 16 px images in 4 px patches unless given
 DIGITS_SCRATCH = dict(img_size=16, patch=4, depth=4)
