@@ -1134,6 +1134,8 @@ def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, 
     case(det, SMALL_DET + ["--method", "bp", "--mode", "sequential", "--out", out], "does not apply to --method bp")
     case(train_cls_cnn, cnn + ["--method", "bp", "--time-split"], "does not apply to --method bp")
     case(train_cls_cnn, cnn + ["--bs", "0"], "--bs must be at least 1")
+    case(train_cls_cnn, cnn + ["--method", "bp", "--objective", "flowmap"], "does not apply to --method bp")
+    case(train_cls_vit, SMALL_VIT + ["--span", "local", "--out", str(tmp_path / "v.pt")], "needs --objective flowmap")
     print("\n".join(cases))  # pytest -s shows the messages (quoted in the README)
 
 

@@ -379,6 +379,12 @@ def check_flags(args):
         sys.exit("error: --mode sequential trains flow heads one at a time; it does not apply to --method bp")
     if args.method == "bp" and args.time_split:
         sys.exit("error: --time-split assigns time intervals to flow heads; it does not apply to --method bp")
+    if args.method == "bp" and args.objective == "flowmap":
+        sys.exit("error: --objective flowmap trains flow heads as flow maps; it does not apply to --method bp")
+    if args.objective == "velocity" and args.span == "local":
+        sys.exit("error: --span sets the times a flow-map head covers; it needs --objective flowmap")
+    if not 0 <= args.diag <= 1:
+        sys.exit(f"error: --diag is a share of the (t, u) draws, in [0, 1]; got {args.diag}")
 
 
 def main(args):
