@@ -333,20 +333,8 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
 
 
 def summary(record):
-    """The per-epoch line: validation top-1 (ensemble, single-step, multi-step and probe for fm; acc for bp),
-    the raw weights' beside an EMA's, and test at the end."""
-    def accuracies(prefix):
-        names = ("ensemble", "single", "multistep", "probe") if f"{prefix}acc_ensemble" in record else ("",)
-        if f"{prefix}acc{'_' + names[0] if names[0] else ''}" not in record:
-            return ""
-        line = " ".join(f"{n or 'acc'} {record[f'{prefix}acc' + ('_' + n if n else '')]:.4f}" for n in names)
-        if f"{prefix}acc_steps_1" in record:  # flow-map heads: top-1 with 1, 2, 4, 8 steps
-            line += " steps " + "/".join(f"{record[f'{prefix}acc_steps_{n}']:.4f}" for n in core.MAP_STEPS)
-        raw = next((k for k in (f"{prefix}raw_acc_ensemble", f"{prefix}raw_acc") if k in record), None)
-        return line + (f" (raw weights {record[raw]:.4f})" if raw else "")
-    return " | ".join([f"loss {record['loss']:.4f}"] + [f"{name} {text}" for name, text in
-                                                        (("val", accuracies("val_")), ("TEST", accuracies(""))) if text]) \
-        + f" peak step memory {record['peak_step_bytes'] / 2**20:.1f} MiB"
+    """The per-epoch line (core.classification_summary) and the step memory, Table 2's memory column."""
+    return core.classification_summary(record) + f" peak step memory {record['peak_step_bytes'] / 2**20:.1f} MiB"
 
 
 def check_flags(args):
