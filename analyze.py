@@ -75,9 +75,7 @@ def get_args_parser():
     return p
 
 
-# ----------------------------------------------------------------------------------------------
-# Metric functions (pure; tested in test_core.py)
-# ----------------------------------------------------------------------------------------------
+# ---- Metric functions (pure; tested in test_core.py) ---------------------------------------------
 def intrinsic_dimension(features, threshold=0.9):
     """Number of principal components needed to explain `threshold` of the variance. features [N, F]."""
     x = features.double() - features.double().mean(0)
@@ -133,9 +131,7 @@ def grad_variance(grads):
     return float(g.var(0, unbiased=True).mean())
 
 
-# ----------------------------------------------------------------------------------------------
-# Rebuilding runs
-# ----------------------------------------------------------------------------------------------
+# ---- Rebuilding runs -----------------------------------------------------------------------------
 class Run:
     """A checkpoint rebuilt: the script module, its args, the model (weights loaded, eval mode) and data."""
 
@@ -213,9 +209,7 @@ def stage_features(run, loader):
     return [torch.cat(f) for f in feats], torch.cat(labels)
 
 
-# ----------------------------------------------------------------------------------------------
-# Modes
-# ----------------------------------------------------------------------------------------------
+# ---- Modes ---------------------------------------------------------------------------------------
 def mode_probe(runs, args):
     rows = []
     for run in runs:

@@ -43,9 +43,7 @@ from tqdm import tqdm
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 
-# ==============================================================================================
-# The method (Section 3)
-# ==============================================================================================
+# ==== The method (Section 3) ======================================================================
 class TimeEmbedding(nn.Module):
     """e_t = MLP(sinusoid(t)) in R^d (eq. 6). t: [B] in [0, 1] -> [B, d]."""
 
@@ -63,9 +61,8 @@ class TimeEmbedding(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    """in_dim -> hidden, `blocks` pre-LN residual blocks (LN, Linear, GELU, Dropout, Linear), LN -> out_dim:
-    D.2's 'deep residual MLP (hidden 1024, LayerNorm, Dropout)'. blocks = 0 is D.2's 'lighter,
-    single-hidden-layer MLP (with Dropout)': Linear, GELU, Dropout, Linear."""
+    """in_dim -> hidden, `blocks` pre-LN residual blocks (LN, Linear, GELU, Dropout, Linear), LN -> out_dim: D.2's
+    'deep residual MLP (hidden 1024, LayerNorm, Dropout)'; blocks = 0: its 'lighter, single-hidden-layer MLP'."""
 
     def __init__(self, in_dim, hidden, out_dim, blocks=2, dropout=0.1):
         super().__init__()
@@ -105,10 +102,9 @@ def times(head, t, u=None):
 
 
 class TokenFlowHead(nn.Module):
-    """v_k for an unpooled token sequence: z_t + e_t, projected to the token width, is prepended as a
-    query token to one timm transformer block over [query; tokens]; the query's output is projected
-    back to R^d. One head is one encoder layer, what the bp baselines stack T times (same capacity).
-    tokens [B, N, D], z [B, d], t [B] -> [B, d]; maps=True: a flow-map head (see MLPFlowHead)."""
+    """v_k for an unpooled token sequence: z_t + e_t, projected to the token width, is a query token prepended
+    to one timm transformer block over [query; tokens], its output projected back to R^d (one encoder layer,
+    what bp stacks T times). tokens [B, N, D], z [B, d], t [B] -> [B, d]; maps=True: as MLPFlowHead."""
 
     def __init__(self, token_dim, dim, heads, mlp_ratio=4.0, dropout=0.0, maps=False):
         super().__init__()
@@ -194,10 +190,9 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
 
 
 def sample_tu(head, T, span, draws, diag=0.25):
-    """(t, u), t <= u, per sample for a flow-map head from three U[0, 1) draws [n, 3]. With probability
-    `diag` t = u (the diagonal, where the SGFlow loss is flow matching); otherwise the two draws sorted.
-    span 'global': t, u in [0, 1] (every head a full-range map); 'local': in [k/T, (k+1)/T] (head k's
-    interval). Theorem 1 of SGFlow needs positive probability on t = u and on t < u; 1/4 is our default."""
+    """(t, u), t <= u, per sample for flow-map head k = `head` from U[0, 1) draws [n, 3]: t = u (the diagonal, where
+    the SGFlow loss is flow matching) with probability `diag`, else the two draws sorted (SGFlow's Theorem 1 needs
+    both with positive probability). span 'global': in [0, 1]; 'local': head k's interval [k/T, (k+1)/T]."""
     lo, hi = draws[:, :2].min(1).values, draws[:, :2].max(1).values
     hi = torch.where(draws[:, 2] < diag, lo, hi)
     return ((head + lo) / T, (head + hi) / T) if span == "local" else (lo, hi)
@@ -215,9 +210,8 @@ def sgflow_loss(g, feat, z0, z1, t, u, split=True):
     both terms Jacobian-vector products of f(., u, .) at (t, X_t) in the directions (1, Xdot) and
     (0, Xdot - sg[g]), by forward-mode AD (torch.func.jvp over functional_call: no Jacobian, no model
     inversion, no backprop through nested model calls); the usual backward then differentiates them.
-    Squared norms are averaged over latent dimensions (the scale of the flow MSE). split: each sample
-    takes one direction (even rows the first, odd the second, each weighted 2), one JVP per sample as
-    the summary suggests; split=False evaluates both for every sample. Returns (loss, X_t)."""
+    Squared norms are averaged over latent dims (the flow MSE's scale). split: even rows take the first
+    direction, odd the second, each weighted 2 (one JVP per sample); False: both for all. Returns (loss, X_t)."""
     xt, xdot = path(z0, z1, t)
     with torch.no_grad():
         v_hat = g(xt, feat, t, t)  # sg[g(t, t, X_t)]: the model's own velocity estimate
@@ -318,16 +312,14 @@ class NonFiniteLoss(RuntimeError):
 
 def blockwise_backward(features, head_ids, head_loss, all_features=False):
     """Accumulate the gradients of sum_k head_loss(k) holding at most one head's graph at a time.
-
-    features: backbone outputs, attached to the backbone's graph. head_ids: the heads this batch
-    trains. head_loss(k, leaves) -> scalar loss of head k from `leaves`, detached copies of `features`
-    that collect d loss / d features. Each head runs forward and backward (its graph is freed), then
-    one backward runs through the backbone with the summed feature gradient: peak saved activations =
-    backbone + one head whatever T is, and the backbone gradient is that of sum_k L_k (chain rule).
-    all_features: also backpropagate zeros from features no head read, so every backbone parameter
-    gets a gradient (DDP reduces once and never waits on a missing one). The loss values come to the
-    host once, after the heads' backward (one synchronisation per step on a GPU); a NaN or inf raises
-    NonFiniteLoss naming the first such head, before any optimiser step. Returns {k: loss value}."""
+    features: backbone outputs, attached to its graph; head_ids: the heads this batch trains;
+    head_loss(k, leaves) -> head k's scalar loss from `leaves`, detached copies of `features` that collect
+    d loss / d features. Each head runs forward and backward (its graph is freed), then one backward runs
+    through the backbone with the summed feature gradient: peak saved activations = backbone + one head
+    whatever T is, and the backbone gradient is that of sum_k L_k (chain rule). all_features: also zeros
+    from features no head read (under DDP every backbone parameter gets a gradient). The losses come to
+    the host once (one synchronisation per step); NaN or inf raises NonFiniteLoss naming the first such
+    head, before any optimiser step. Returns {k: loss value}."""
     leaves = [f.detach().requires_grad_(f.requires_grad) for f in features]
     losses = []
     for k in head_ids:
@@ -364,11 +356,9 @@ def ensemble(velocity, z0, T):
 
 @torch.no_grad()
 def integrate(velocity, z0, T, steps=None, method="euler", return_path=False, stop=None):
-    """Solve dz/dt = v(z, t) from t = 0 to 1 in the piecewise field of eq. 24; steps = T with Euler is
-    eq. 25 (head k on step k). A step uses one head for all its stages, the one owning its midpoint
-    (steps = 5, T = 3: heads 0, 0, 1, 2, 2). method 'euler', 'heun' (corrector with the predictor's
-    head) or 'midpoint'. return_path: also the latent after each step. stop: return the state after
-    the first `stop` steps (t = stop / steps), e.g. where inference hands the latent to head k."""
+    """Solve dz/dt = v(z, t) from t = 0 to 1 in the piecewise field of eq. 24 (Euler, steps = T: eq. 25). A step
+    uses the head owning its midpoint for all its stages (steps = 5, T = 3: heads 0, 0, 1, 2, 2). method 'euler',
+    'heun' or 'midpoint'. return_path: also the latent after each step. stop: the state after `stop` steps."""
     steps = steps or T
     dt, z, trajectory = 1.0 / steps, z0, []
     ones = torch.ones(z0.shape[0], device=z0.device)
@@ -390,11 +380,10 @@ def integrate(velocity, z0, T, steps=None, method="euler", return_path=False, st
 
 @torch.no_grad()
 def compose(flow_map, z0, T, steps, span="global"):
-    """Inference with flow-map heads in `steps` jumps on the grid t_i = i / steps: z_(i+1) = f(t_i, t_(i+1), z_i),
-    flow_map(k, z, t[B], u[B]) -> the point at u. span 'global' (every head maps all of [0, 1]): step i
-    goes to the head owning its midpoint, as `integrate` assigns velocity heads; 'local' (head k maps
-    within [k/T, (k+1)/T] only): the grid is cut at the interval boundaries too and each piece goes to
-    its head, so even one step is T exact jumps. With exact maps every `steps` gives the same endpoint."""
+    """Flow-map inference in `steps` jumps on the grid t_i = i / steps: z_(i+1) = f(t_i, t_(i+1), z_i) with
+    flow_map(k, z, t[B], u[B]) -> the point at u. span 'global': step i goes to the head owning its midpoint
+    (as `integrate`); 'local' (head k maps within [k/T, (k+1)/T]): the grid is also cut at the interval
+    bounds, one piece per head, so one step is T jumps. Exact maps give the same endpoint for any `steps`."""
     cuts = {Fraction(i, steps) for i in range(steps + 1)} | ({Fraction(k, T) for k in range(T + 1)} if span == "local"
                                                               else set())
     cuts, z, ones = sorted(cuts), z0, torch.ones(z0.shape[0], device=z0.device)
@@ -403,6 +392,7 @@ def compose(flow_map, z0, T, steps, span="global"):
     return z
 
 
+# ==== Classification: the step and the evaluation the three classification scripts share ======
 MAP_STEPS = (1, 2, 4, 8)  # the step counts a flow-map run logs (acc_steps_n)
 
 
@@ -491,9 +481,42 @@ def classification_summary(record):
                                                         (("val", accuracies("val_")), ("TEST", accuracies(""))) if text])
 
 
-# ==============================================================================================
-# Plumbing: device, seeds, per-sample noise, data helpers
-# ==============================================================================================
+def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False, lam=1.0, diag=0.25,
+                    time_split=False, t_dist="uniform", sigma_min=0.0, mse="mean"):
+    """One training batch of a classifier, no optimiser step; returns the losses to log. x [B, ...], y [B],
+    index [B] (dataset indices keying the noise; with noise_key = (seed, epoch, pass) from the engine).
+    FlowClassifier: the backbone once, then `blockwise_backward` over `heads`, head k's local loss (eq. 19;
+    `map_loss` for flow maps, (t, u) from `sample_tu` with `diag`) on its own draws from `train_noise`
+    (fresh ones when index or noise_key is None), then the detached probe. Any other model (bp):
+    cross-entropy and one joint backward. forward: the DDP wrapper (`distribute`) or None."""
+    device = x.device
+    with autocast(device, amp):
+        if not isinstance(model, FlowClassifier):
+            loss = F.cross_entropy((forward or model)(x).float(), y)
+            value = loss.item()  # the step's one read-back to the host
+            if not math.isfinite(value):
+                raise NonFiniteLoss("bp", value)
+            loss.backward()
+            return {"loss": value}
+        feats = (forward or model.backbone)(x)
+
+        def head_loss(k, f):
+            z0, u = (None, None) if index is None or noise_key is None else \
+                train_noise(index, (*noise_key, k), (model.dim,), device)
+            if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
+                key = None if noise_key is None else (*noise_key, k, 1)
+                t, u = sample_tu(k, model.T, model.span, uniforms(index, key, 3, len(y), device), diag)
+                return model.map_loss(k, f, y, z0, t, u, lam)
+            t = sample_t(len(y), k, model.T, time_split, device, t_dist, u)
+            return model.head_loss(k, f, y, z0, t, lam, sigma_min, mse)
+        losses = blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
+        probe = model.probe_loss(feats, y)
+    probe.backward()  # its value stays on the device until the epoch's sums are read
+    return {"loss": sum(losses.values()) / len(losses), "probe": probe.detach(),
+            **{f"loss_h{k}": v for k, v in losses.items()}}
+
+
+# ==== Plumbing: device, seeds, per-sample noise, data helpers =====================================
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -619,6 +642,24 @@ class TensorImages(torch.utils.data.Dataset):
         return (self.transform(self.images[i]) if self.transform else self.images[i]), int(self.labels[i])
 
 
+def torchvision_sets(cls, name, root, train_tf, test_tf, hint, download=True):
+    """(train, test) of a torchvision dataset with a `train=` flag (CIFAR, MNIST) under `root`, downloaded
+    when absent and `download` (online); DataError with one line ending in `hint` when neither works."""
+    sets = []
+    for split, tf in ((True, train_tf), (False, test_tf)):
+        try:
+            sets.append(cls(root, train=split, transform=tf, download=False))
+        except RuntimeError:
+            try:
+                if not download:
+                    raise RuntimeError("offline")
+                sets.append(cls(root, train=split, transform=tf, download=True))
+            except Exception as e:
+                raise DataError(f"{name} not found under {os.path.abspath(root)} and not downloaded "
+                                f"({type(e).__name__}): {hint}") from None
+    return sets
+
+
 def load_image(path):
     """RGB PIL image; DataError naming the file when it is missing, truncated or not an image."""
     from PIL import Image
@@ -686,9 +727,7 @@ def load_weights(module, path, name, skip=()):
     module.load_state_dict(state, strict=False)
 
 
-# ==============================================================================================
-# Plumbing: checkpoints and resume
-# ==============================================================================================
+# ==== Plumbing: checkpoints and resume ============================================================
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, not a checkpoint, or from another script/config."""
 
@@ -798,9 +837,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ==============================================================================================
-# Plumbing: one device or torchrun (DDP)
-# ==============================================================================================
+# ==== Plumbing: one device or torchrun (DDP) ======================================================
 def init_distributed(device_name="auto"):
     """This process's device; under torchrun (WORLD_SIZE > 1) it joins the process group too: NCCL with
     one GPU per process (cuda:LOCAL_RANK), gloo on CPU."""
@@ -888,9 +925,7 @@ def replica_difference(model):
     return diff.item()
 
 
-# ==============================================================================================
-# Plumbing: saved-activation meter
-# ==============================================================================================
+# ==== Plumbing: saved-activation meter ============================================================
 class SavedActivationMeter:
     """Peak bytes of tensors saved for backward, once per storage, parameters excluded: the paper's
     'activation memory' on CPU, where there is no allocator peak to read. Inside `with meter:` a storage
@@ -958,9 +993,7 @@ def measure_step_memory(step_fn, model, device):
         return int(meter.peak)
 
 
-# ==============================================================================================
-# Plumbing: the epoch engine (one device or torchrun, preemption, mid-epoch resume)
-# ==============================================================================================
+# ==== Plumbing: the epoch engine (one device or torchrun, preemption, mid-epoch resume) ===========
 def head_schedule(T, sequential):
     """The heads each pass of an epoch trains: one pass training all T (the parallel schedule), or T
     passes, pass k training head k (Algorithm 1, the sequential schedule)."""

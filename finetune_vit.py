@@ -6,29 +6,22 @@ ensemble 0.950 in 569 s, bp 0.989 in 291 s (two jobs sharing the cores); peak st
 bp 103.3 MiB at T = 4.
     python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained [--method bp]
 
-Setup (paper defaults): timm vit_base_patch16_224.augreg_in1k (ImageNet-1k only; timm's bare
-vit_base_patch16_224 resolves to augreg2_in21k_ft_in1k, pretrained on ImageNet-21k, so the tag is
-explicit; the run prints and the checkpoint stores the weights it loaded), classification head
-removed; its unpooled output token sequence (class token + patches, after the final norm) feeds
-T = 4 independent token flow heads (core.TokenFlowHead: one transformer block each, so the 4 heads
-match the bp baseline's 4 encoder layers in capacity). Loss per head: flow-matching MSE + CE on the
-t = 1 estimate, with core's block-wise step. AdamW with differential learning rates (backbone 1e-6,
-heads 1e-4; ImageNet-R heads 1e-3), gradient clipping 1.0. CIFAR-10: 20 epochs, batch 32; CIFAR-100:
-10 epochs, batch 32; ImageNet-R: 50 epochs, batch 64 (an ImageFolder tree split 80/20 with a fixed
-seed); images resized to 224.
+Setup (paper defaults): timm vit_base_patch16_224.augreg_in1k (ImageNet-1k only; the bare name would
+resolve to an ImageNet-21k checkpoint, so the tag is explicit; the checkpoint stores the weights it
+loaded) without its classifier; its unpooled token sequence (class token + patches, after the final
+norm) feeds T = 4 token flow heads (core.TokenFlowHead: one transformer block each, the capacity of
+bp's 4 encoder layers). AdamW with differential learning rates (backbone 1e-6, heads 1e-4; ImageNet-R
+heads 1e-3), clipping 1.0. CIFAR-10: 20 epochs, batch 32; CIFAR-100: 10 epochs, batch 32; ImageNet-R:
+50 epochs, batch 64 (an ImageFolder tree split 80/20 with a fixed seed); images resized to 224.
+Where the paper is silent: weight decay 1e-4 and cosine without warmup, the same for bp.
 
-Where the paper is silent: weight decay 1e-4 and a cosine schedule without warmup (D.2's from-scratch
-optimiser, minus the warmup a pretrained backbone does not need); the same for bp. With
---no-pretrained the backbone starts from random weights and its lr defaults to the heads' lr (a
-random backbone at 1e-6 would not learn).
+--method bp: the same backbone, 4 transformer encoder layers of the same width, mean pooling and a
+linear classifier, trained end to end with the same lrs and schedule.
 
---method bp: the same backbone, 4 standard transformer encoder layers (timm Blocks of the same
-width), mean pooling and a linear classifier, trained end to end with the same lrs and schedule.
-
-Weights: --pretrained (default) uses timm's own download; --weights FILE loads a local .safetensors
-or .pth state dict (offline); --no-pretrained starts from random init (then --img-size, --patch and
---depth apply, also to a --weights file, whose shapes must then match). A weights file whose keys or
-shapes do not fit stops with one line naming them.
+Weights: --pretrained (default) uses timm's download; --weights FILE a local .safetensors or .pth
+state dict (offline; keys or shapes that do not fit stop with one line naming them); --no-pretrained
+random init, the backbone lr then defaults to the heads' (at 1e-6 a random backbone would not learn)
+and --img-size, --patch and --depth apply.
 
 digits (offline, not a paper setup) from random init: 16 px images, 4 px patches, 4 blocks, lr 1e-3
 (backbone too); fm trains with t ~ u^2 ('early') and lam 3 for 60 epochs, bp 30 epochs (both chosen on
@@ -38,7 +31,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -46,14 +38,13 @@ import time
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 
 import core
 
-# per dataset (paper D.2): epochs, batch size, head lr; digits is an offline CPU config, not a paper setup
+# per dataset (paper D.2): epochs, batch size, head lr; digits: an offline CPU config, not a paper setup
 PAPER = dict(t_dist="uniform", lam=1.0)
 SETUPS = {
     "cifar10": dict(epochs=20, bs=32, lr=1e-4, warmup=0, **PAPER),
@@ -62,8 +53,7 @@ SETUPS = {
     # from random init on CPU; t ~ u^2, lam 3 and 60 epochs chosen on validation (docs/research_notes.md)
     "digits": dict(epochs=60, bs=64, lr=1e-3, warmup=2, t_dist="early", lam=3.0, diag=0.75),
 }
-# digits, bp: 30 epochs; both methods' digits recipes (and flowmap's diag 0.75) chosen on the validation
-# split (docs/research_notes.md)
+# digits, bp: 30 epochs (chosen on the validation split, as flowmap's diag 0.75)
 BP_DIGITS = {"epochs": 30}
 # digits from random init (no --weights): a 4-block ViT on 16 px images in 4 px patches unless given
 DIGITS_SCRATCH = dict(img_size=16, patch=4, depth=4)
@@ -84,15 +74,13 @@ def get_args_parser(add_help=True):
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
                    help="t in training: U[0,1] (paper), u^2 (more weight near t=0) or 0")
-    p.add_argument("--diag", type=float, default=0.25,
-                   help="flowmap: share of (t, u) draws on the diagonal t = u, where the SGFlow loss is flow matching")
+    p.add_argument("--diag", type=float, default=0.25, help="flowmap: share of (t, u) draws with t = u (flow matching)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the CE on the t = 1 estimate (paper 1)")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE reduction over latent dims")
     # model: a --resume must match these (and --dataset, --method, --final): RESUME_MATCH
     arch = p.add_argument_group("model")
     arch.add_argument("--objective", default="velocity", choices=["velocity", "flowmap"],
-                      help="heads learn the velocity (the paper), or the flow map f(t, u, z) with SGFlow's loss "
-                           "(any-step inference; logs acc_steps_1/2/4/8)")
+                      help="heads learn the velocity (the paper), or the flow map f(t, u, z) by SGFlow's loss")
     arch.add_argument("--span", default="global", choices=["global", "local"],
                       help="flowmap: every head maps all of [0, 1], or head k only its interval [k/T, (k+1)/T]")
     arch.add_argument("--T", type=int, default=4, help="flow heads (bp: encoder layers)")
@@ -120,27 +108,22 @@ def get_args_parser(add_help=True):
     p.add_argument("--warmup", type=int, default=0, help="linear warmup epochs before cosine (paper: none)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone and each head (bp: the model) in place; measured by analyze.py --speed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone and heads (bp: the model)")
     # run
     p.add_argument("--seed", type=int, default=0, help="random seed (also seeds evaluation noise)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
-    p.add_argument("--final", action="store_true",
-                   help="train on train + validation (once the choices are made) and report test; no val_ metrics")
-    p.add_argument("--test-every-epoch", action="store_true",
-                   help="log the test metrics every epoch (for curves); default: after the last epoch only")
+    p.add_argument("--final", action="store_true", help="train on train + validation; no val_ metrics")
+    p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     return p
 
 
 def parse_args(argv=None):
-    """Flags, with the --dataset setup as real argparse defaults: a first pass reads --dataset and the
-    weights flags (abbreviations included), set_defaults applies the setup (digits from random init:
-    its small ViT), a second pass reads --lr, and the backbone lr defaults to 1e-6 with pretrained
-    weights or to the heads' lr from random init. A flag the user typed always wins; --help shows
-    what the run will use."""
+    """Flags with the --dataset setup as real argparse defaults (set_defaults after a first pass reads
+    --dataset and the weights flags; a second reads --lr, the backbone's default: 1e-6 with pretrained
+    weights, else the heads' lr). A flag the user typed always wins; --help shows what the run uses."""
     first, _ = get_args_parser(add_help=False).parse_known_args(argv)
     defaults = dict(SETUPS[first.dataset])
     scratch = not (first.pretrained or first.weights)
@@ -164,9 +147,7 @@ OLD_CHECKPOINTS = {"diag": 0.25, "compile": False, "objective": "velocity", "spa
                    "feat_norm": "none", "final": False, "test_every_epoch": False}
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
+# ---- Model ---------------------------------------------------------------------------------------
 class ViTBackbone(nn.Module):
     """timm ViT without its classifier; returns [unpooled output tokens [B, N, D]]."""
 
@@ -177,14 +158,11 @@ class ViTBackbone(nn.Module):
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter when offline
         try:
             self.vit = timm.create_model(name, pretrained=download, num_classes=0, global_pool="", **kw)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
+        except Exception as e:  # timm's RuntimeError, or a network error from the hub
+            if isinstance(e, RuntimeError) and "Unknown model" in str(e):
                 raise core.WeightsError(f"timm has no model {name!r}") from None
             raise core.WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
-                               f"--weights FILE (.safetensors or .pth) or --no-pretrained") from None
-        except Exception as e:  # network errors from the hub
-            raise core.WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
-                               f"--weights FILE (.safetensors or .pth) or --no-pretrained") from None
+                                    f"--weights FILE (.safetensors or .pth) or --no-pretrained") from None
         if weights:  # the file's classifier (head.*) is not part of the backbone
             core.load_weights(self.vit, weights, name, skip=("head.", "fc_norm.head"))
         cfg = self.vit.pretrained_cfg or {}
@@ -230,9 +208,7 @@ def build_model(args, num_classes):
                                objective=args.objective, span=args.span)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
+# ---- Data ----------------------------------------------------------------------------------------
 DATA_HINTS = {"cifar10": "put cifar-10-batches-py/ under --data", "cifar100": "put cifar-100-python/ under --data",
               "imagenet-r": "download imagenet-r.tar (github.com/hendrycks/imagenet-r) and extract it under --data"}
 VAL_FRACTION = {"digits": 0.2}  # of the training part (10% elsewhere, at most 5,000; digits: 10% would be 144)
@@ -260,19 +236,8 @@ def read_dataset(name, root, train_tf, test_tf, download=True):
         train, test = (torchvision.datasets.ImageFolder(folder, tf, loader=core.load_image) for tf in (train_tf, test_tf))
         return Subset(train, order[:cut]), Subset(test, order[:cut]), Subset(test, order[cut:]), len(full.classes)
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
-    sets = []
-    for split, tf in ((True, train_tf), (False, test_tf)):
-        try:
-            sets.append(cls(root, train=split, transform=tf, download=False))
-        except RuntimeError:
-            try:
-                if not download:
-                    raise RuntimeError("offline")
-                sets.append(cls(root, train=split, transform=tf, download=True))
-            except Exception as e:
-                raise core.DataError(f"{name} not found under {os.path.abspath(root)} and not downloaded "
-                                     f"({type(e).__name__}): {DATA_HINTS[name]}") from None
-    return sets[0], core.with_transform(sets[0], test_tf), sets[1], len(sets[0].classes)
+    train, test = core.torchvision_sets(cls, name, root, train_tf, test_tf, DATA_HINTS[name], download)
+    return train, core.with_transform(train, test_tf), test, len(train.classes)
 
 
 def build_data(args, backbone):
@@ -296,40 +261,15 @@ def build_data(args, backbone):
     return core.Seeded(core.WithIndex(train), args.seed), val, core.WithIndex(test), num_classes
 
 
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- Training and evaluation ---------------------------------------------------------------------
 def train_step(model, forward, batch, heads, noise_key, args, device):
-    """One batch (x, y, index), no optimiser step. fm: the backbone once, then core.blockwise_backward over
-    `heads`, each with its local loss (eq. 19) at t from core.sample_t and per-sample noise from
-    core.train_noise (fresh draws when index or noise_key is None), then the detached probe. bp:
-    cross-entropy and one joint backward. forward: the DDP wrapper under torchrun, else None."""
+    """One batch (x, y, index), no optimiser step: core.classifier_step with this run's recipe flags.
+    forward: the DDP wrapper under torchrun, else None."""
     x, y, index = batch
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with core.autocast(device, args.amp):
-        if args.method == "bp":
-            loss = F.cross_entropy((forward or model)(x).float(), y)
-            value = loss.item()  # the step's one read-back to the host
-            if not math.isfinite(value):
-                raise core.NonFiniteLoss("bp", value)
-            loss.backward()
-            return {"loss": value}
-        feats = (forward or model.backbone)(x)
-
-        def head_loss(k, f):
-            z0, u = (None, None) if index is None or noise_key is None else \
-                core.train_noise(index, (*noise_key, k), (model.dim,), device)
-            if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
-                key = None if noise_key is None else (*noise_key, k, 1)
-                t, u = core.sample_tu(k, model.T, model.span, core.uniforms(index, key, 3, len(y), device), args.diag)
-                return model.map_loss(k, f, y, z0, t, u, args.lam)
-            t = core.sample_t(len(y), k, model.T, args.time_split, device, args.t_dist, u)
-            return model.head_loss(k, f, y, z0, t, args.lam, args.sigma_min, args.mse)
-        losses = core.blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
-        probe = model.probe_loss(feats, y)
-    probe.backward()  # its value stays on the device until the epoch's sums are read
-    return {"loss": sum(losses.values()) / len(losses), "probe": probe.detach(),
-            **{f"loss_h{k}": v for k, v in losses.items()}}
+    return core.classifier_step(model, forward, x, y, index, heads, noise_key, amp=args.amp, lam=args.lam,
+                                diag=args.diag, time_split=args.time_split, t_dist=args.t_dist,
+                                sigma_min=args.sigma_min, mse=args.mse)
 
 
 def summary(record):
@@ -342,12 +282,11 @@ def check_flags(args):
     for name in ("epochs", "bs", "T"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
-    if args.method == "bp" and args.mode == "sequential":
-        sys.exit("error: --mode sequential trains flow heads one at a time; it does not apply to --method bp")
-    if args.method == "bp" and args.time_split:
-        sys.exit("error: --time-split assigns time intervals to flow heads; it does not apply to --method bp")
-    if args.method == "bp" and args.objective == "flowmap":
-        sys.exit("error: --objective flowmap trains flow heads as flow maps; it does not apply to --method bp")
+    for used, flag in ((args.mode == "sequential", "--mode sequential trains flow heads one at a time"),
+                       (args.time_split, "--time-split assigns time intervals to flow heads"),
+                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps")):
+        if used and args.method == "bp":
+            sys.exit(f"error: {flag}; it does not apply to --method bp")
     if args.objective == "velocity" and args.span == "local":
         sys.exit("error: --span sets the times a flow-map head covers; it needs --objective flowmap")
     if not 0 <= args.diag <= 1:
@@ -393,15 +332,13 @@ def main(args):
                functools.partial(train_step, args=args, device=device), evaluate, extra)
 
 
-# ----------------------------------------------------------------------------------------------
-# The run: resume, epochs, evaluation, log, checkpoint (the same text in every script)
-# ----------------------------------------------------------------------------------------------
+# ---- The run: resume, epochs, evaluation, log, checkpoint (the same text in every script) --------
 def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluate, extra, collate_fn=None,
         **engine):
     """Train args.epochs epochs with core.train_one_epoch; per epoch evaluate["val"] (logged as val_*),
     after the last evaluate["test"] (every epoch with --test-every-epoch), one printed line, one JSON
     line in the log beside --out, then an atomic checkpoint. SIGTERM: save the position, exit 143."""
-    script = os.path.basename(__file__)
+    script, say = os.path.basename(__file__), functools.partial(print, flush=True) if core.is_main() else (lambda text: None)
     try:
         start, position = core.start_or_resume(args.out, script, vars(args), RESUME_MATCH, args.resume, model,
                                                optimizer, scheduler, ema)
@@ -411,48 +348,41 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
     loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)
-    if core.is_main():
-        print(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} "
-              f"global; {core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps "
-              f"per epoch")
-    peak, record, epoch = None, None, start
+    say(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} global; "
+        f"{core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps per epoch")
+    peak, record = None, None
     with core.Preemption() as preempt:
         for epoch in range(start, args.epochs):
             resume = position if position and position["epoch"] == epoch else None
             t0 = time.time() - (resume["elapsed"] if resume else 0.0)
+            test = evaluate.get("test") if epoch + 1 == args.epochs or args.test_every_epoch else None
             try:
                 losses, peak = core.train_one_epoch(
                     model, step, passes, optimizer, scheduler, loader, epoch, bs=args.bs, seed=args.seed,
                     clip=args.clip, max_steps=args.max_steps, forward=forward, local_params=local, ema=ema,
                     preempt=preempt, resume=resume, peak=peak, epochs=args.epochs, **engine)
+                metrics = core.evaluate_run(model, ema, evaluate.get("val"), test)
             except core.Preempted as stop:  # the step is done: save the position inside the epoch, exit
                 save(epoch - 1, stop.position)
-                if core.is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
-                          f"continue with --resume", flush=True)
+                say(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
+                    f"continue with --resume")
                 sys.exit(core.Preemption.EXIT_CODE)
             except core.NonFiniteLoss as e:
                 sys.exit(f"error: {e} at epoch {epoch + 1} step {e.step}; the last good checkpoint {args.out} "
                          f"is untouched")
             except core.DataError as e:
                 sys.exit(f"error: {e}")
-            test_now = epoch + 1 == args.epochs or args.test_every_epoch
-            try:
-                metrics = core.evaluate_run(model, ema, evaluate.get("val"), evaluate.get("test") if test_now else None)
-            except core.DataError as e:
-                sys.exit(f"error: {e}")
             record = {"epoch": epoch + 1, **losses, **metrics, "lr": scheduler.get_last_lr()[0],
                       "time": time.time() - t0, "peak_step_bytes": peak, "global_batch": args.bs * core.world_size()}
             if core.world_size() > 1:
                 record["replica_max_diff"] = core.replica_difference(model)
-            if core.is_main():
-                print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
-                with open(core.log_path(args.out), "a") as f:  # log first: a kill before the save repeats the epoch
+            say(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)")
+            if core.is_main():  # log first: a kill before the save repeats the epoch
+                with open(core.log_path(args.out), "a") as f:
                     f.write(json.dumps(record) + "\n")
             save(epoch, None)
             if preempt.requested():
-                if core.is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
+                say(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume")
                 sys.exit(core.Preemption.EXIT_CODE)
     return record
 

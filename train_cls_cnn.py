@@ -3,52 +3,46 @@
 Result (offline digits quickstart, 2-core CPU, seed 0, 360 test images): fm ensemble 0.989 in 162 s,
 bp 0.994 in 264 s. MNIST-format digits (`docs/make_digits_mnist.py`, 2,000 test images, 8 epochs,
 seeds 0-2): fm ensemble 0.981 (0.980-0.983), bp 0.990 (0.988-0.992), 5-8 min per run.
+    python train_cls_cnn.py --dataset digits [--method bp] --out runs/cnn_digits.pt
+digits (scikit-learn's real handwritten digits, offline) is not a paper setup: a small CNN (channels
+32/64/128, d = 64, hidden 256, 30 epochs, EMA 0.98), a couple of minutes on a laptop CPU.
 
 Setup (paper defaults): three conv stages of 96 / 384 / 1536 channels, latent d = 512, T residual-MLP
 flow heads (hidden 1024, LayerNorm, dropout) on the pooled features; AdamW lr 5e-4, wd 1e-4, 5-epoch
 linear warmup then cosine, 200 epochs, batch 128, weight EMA 0.995, AutoAugment on CIFAR, gradient
-clipping 1.0. Two head topologies: 'parallel' (all heads read the last stage, the paper's
-"parallel consensus") and 'sequential' (head k reads stage k). Two schedules: --mode parallel (every
-batch trains all heads) and --mode sequential (Algorithm 1: per epoch, per block k, a full pass).
+clipping 1.0. Head topologies: 'parallel' (all heads read the last stage, the paper's "parallel
+consensus") and 'sequential' (head k reads stage k). Schedules: --mode parallel (every batch trains
+all heads) and --mode sequential (Algorithm 1: per epoch, per block k, a full pass).
+T: the paper does not give T for the CNN; T = 3 puts one head per conv stage in the sequential
+topology, so both topologies have as many heads (Table 3 like for like). Other T in the sequential
+topology spread the heads evenly over the stages (head k reads stage floor(k * 3 / T)).
 
-T: the paper does not give T for the CNN. We use T = 3: the sequential topology attaches one head per
-conv stage, and three stages give three heads, so both topologies run with the same number of heads
-and the Table 3 comparison is like for like. With --T other than 3 in the sequential topology, heads
-are spread evenly over the stages (head k reads stage floor(k * 3 / T)).
-
---method bp: the paper's baseline (D.2 "From-Scratch Baselines"): the same backbone, then T stacked
-residual-MLP layers of the heads' size and a linear classifier, trained end to end; its own defaults
-(60 epochs, batch 128, AdamW lr 1e-3, wd 0.01, cosine) apply unless the flags are given.
+--method bp (D.2 "From-Scratch Baselines"): the same backbone, T stacked residual-MLP layers of the
+heads' size and a linear classifier, end to end; 60 epochs, batch 128, AdamW lr 1e-3, wd 0.01, cosine.
 
 Departures from D.2, each with the flag that gives the paper's reading:
 - Pooled features are standardised over the batch (--feat-norm batch; paper: unspecified, `none`).
-  Without it the pooled post-ReLU features are mostly a per-channel offset shared by all images,
-  and bp's stacked MLP layers sat at chance for 3 epochs on 28x28 digits (docs/research_notes.md).
+  Without it the pooled post-ReLU features are mostly a per-channel offset shared by all images; bp's
+  stacked MLP layers learn the offset first and sat at chance for 3 epochs on 28x28 digits
+  (docs/research_notes.md, "Pooled features").
 - The weight EMA (0.995) warms its decay up, min(0.995, (1 + n) / (10 + n)) at update n, and its
   BatchNorm statistics are averaged with the weights (--ema-bn raw: the trained model's). Runs with
   an EMA log the raw weights' metrics too (raw_ prefix). At 200 epochs the warm-up changes nothing.
 - CIFAR: RandomCrop (padding 4) + horizontal flip before AutoAugment (--no-crop-flip: AutoAugment
   alone, as D.2 states it); CIFAR-100 adds RandomErasing 0.25 (D.2), and with --topology sequential
   its fm heads are single-hidden-layer MLPs with dropout (--head-blocks 0, D.2).
-- TinyImageNet (not a CNN setup of the paper) uses ImageNet's normalisation and the ImageNet
-  AutoAugment policy, and logs top-5 and top-10.
-
-Quickstart (offline, real handwritten digits from scikit-learn):
-    python train_cls_cnn.py --dataset digits [--method bp] --out runs/cnn_digits.pt
-digits is not a paper setup: it runs a small CNN (channels 32/64/128, d = 64, hidden 256, 30 epochs,
-EMA 0.98) so that the quickstart takes a couple of minutes on a laptop CPU.
+- TinyImageNet (not a CNN setup of the paper) uses ImageNet's normalisation and AutoAugment policy,
+  and logs top-5 and top-10.
 """
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from torch.utils.data import Subset
 from torchvision.transforms import v2
@@ -86,17 +80,14 @@ def get_args_parser(add_help=True):
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
-                   help="t during training: U[0,1] (paper), u^2 (more weight near t=0), or 0 (core.sample_t)")
-    p.add_argument("--diag", type=float, default=0.25,
-                   help="flowmap: share of (t, u) draws on the diagonal t = u, where the SGFlow loss is flow matching")
+                   help="t in training: U[0,1] (paper), u^2 (more near t = 0), or 0 (core.sample_t)")
+    p.add_argument("--diag", type=float, default=0.25, help="flowmap: share of (t, u) draws with t = u (flow matching)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the anchor cross-entropy (paper: 1)")
-    p.add_argument("--mse", default="mean", choices=["mean", "sum"],
-                   help="flow MSE averaged over latent dims (A.1.1 'MSE') or summed (||.||^2 of Alg. 1)")
+    p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE: mean (A.1.1) or sum over d (Alg. 1)")
     # model: a --resume must match these (and --dataset, --method, --final): RESUME_MATCH
     arch = p.add_argument_group("model")
     arch.add_argument("--objective", default="velocity", choices=["velocity", "flowmap"],
-                      help="heads learn the velocity (the paper), or the flow map f(t, u, z) with SGFlow's loss "
-                           "(any-step inference; logs acc_steps_1/2/4/8)")
+                      help="heads learn the velocity (the paper), or the flow map f(t, u, z) by SGFlow's loss")
     arch.add_argument("--span", default="global", choices=["global", "local"],
                       help="flowmap: every head maps all of [0, 1], or head k only its interval [k/T, (k+1)/T]")
     arch.add_argument("--topology", default="parallel", choices=["parallel", "sequential"],
@@ -125,8 +116,7 @@ def get_args_parser(add_help=True):
                    help="EMA model's BatchNorm statistics: averaged like the weights, or the trained model's")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone and each head (bp: the model) in place; measured by analyze.py --speed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone and heads (bp: the model)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
     # augmentation (CIFAR, TinyImageNet)
     p.add_argument("--crop-flip", action=argparse.BooleanOptionalAction, default=True,
@@ -137,19 +127,16 @@ def get_args_parser(add_help=True):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
-    p.add_argument("--final", action="store_true",
-                   help="train on train + validation (once the choices are made) and report test; no val_ metrics")
-    p.add_argument("--test-every-epoch", action="store_true",
-                   help="log the test metrics every epoch (for curves); default: after the last epoch only")
+    p.add_argument("--final", action="store_true", help="train on train + validation; no val_ metrics")
+    p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     return p
 
 
 def parse_args(argv=None):
-    """Flags, with the --dataset setup and then bp's defaults as real argparse defaults: a first pass
-    reads --dataset, --method and --topology (abbreviations included), set_defaults applies their
-    setup, and the second pass parses. A flag the user typed always wins; --help shows what the run
-    will use (e.g. `--dataset cifar100 --method bp --help`)."""
+    """Flags with the --dataset setup, then bp's, as real argparse defaults (set_defaults after a first pass
+    reads --dataset, --method and --topology). A flag the user typed always wins; --help shows what the
+    run uses (e.g. `--dataset cifar100 --method bp --help`)."""
     first, _ = get_args_parser(add_help=False).parse_known_args(argv)
     defaults = dict(SETUPS[first.dataset])
     if first.dataset == "cifar100" and first.topology == "sequential" and first.method == "fm":
@@ -169,9 +156,7 @@ OLD_CHECKPOINTS = {"diag": 0.25, "compile": False, "channels_last": False, "obje
                    "feat_norm": "none", "crop_flip": True, "erasing": 0.0, "final": False, "test_every_epoch": False}
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
+# ---- Data ----------------------------------------------------------------------------------------
 DATA_HINTS = {"cifar10": "put cifar-10-batches-py/ under --data", "cifar100": "put cifar-100-python/ under --data",
               "mnist": "put MNIST/raw/*-ubyte files under --data",
               "tinyimagenet": "download tiny-imagenet-200.zip (cs231n.stanford.edu) and unzip it under --data"}
@@ -200,19 +185,8 @@ def read_dataset(name, root, train_tf, test_tf, download=True):
         return train, core.with_transform(train, test_tf), test, len(train.classes)
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "mnist": torchvision.datasets.MNIST}[name]
-    sets = []
-    for split, tf in ((True, train_tf), (False, test_tf)):
-        try:
-            sets.append(cls(root, train=split, transform=tf, download=False))
-        except RuntimeError:
-            try:
-                if not download:
-                    raise RuntimeError("offline")
-                sets.append(cls(root, train=split, transform=tf, download=True))
-            except Exception as e:
-                raise core.DataError(f"{name} not found under {os.path.abspath(root)} and not downloaded "
-                                     f"({type(e).__name__}): {DATA_HINTS[name]}") from None
-    return sets[0], core.with_transform(sets[0], test_tf), sets[1], len(sets[0].classes)
+    train, test = core.torchvision_sets(cls, name, root, train_tf, test_tf, DATA_HINTS[name], download)
+    return train, core.with_transform(train, test_tf), test, len(train.classes)
 
 
 def build_data(args):
@@ -242,18 +216,12 @@ def build_data(args):
     return core.Seeded(core.WithIndex(train), args.seed), val, core.WithIndex(test), num_classes, in_ch
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
+# ---- Model ---------------------------------------------------------------------------------------
 class ConvBackbone(nn.Module):
     """Three stages of conv3x3-BN-ReLU-maxpool2; returns the global-average-pooled output of every
     stage, [B, C_s] each (the sequential topology reads stage k, the parallel one the last).
-
-    feat_norm 'batch' standardises each pooled channel over the batch (BatchNorm1d, no affine).
-    Why: the average of a post-ReLU map is mostly a per-channel offset shared by every image (on
-    28x28 digits the across-image std of a pooled channel is 0.15 of its mean); the stacked MLP
-    layers of the bp baseline learn that offset first and their image-dependent part shrinks layer
-    by layer, so bp sat at chance for 3 epochs (docs/research_notes.md, "Pooled features")."""
+    feat_norm 'batch' standardises each pooled channel over the batch (BatchNorm1d, no affine): see
+    the docstring's departures (on 28x28 digits a pooled channel's across-image std is 0.15 of its mean)."""
 
     def __init__(self, in_ch, channels, feat_norm="batch"):
         super().__init__()
@@ -307,42 +275,17 @@ def build_model(args, num_classes, in_ch):
                                objective=args.objective, span=args.span)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- Training and evaluation ---------------------------------------------------------------------
 def train_step(model, forward, batch, heads, noise_key, args, device):
-    """One batch (x, y, index), no optimiser step. fm: the backbone once, then core.blockwise_backward over
-    `heads`, each with its local loss (eq. 19) at t from core.sample_t and per-sample noise from
-    core.train_noise (fresh draws when index or noise_key is None), then the detached probe. bp:
-    cross-entropy and one joint backward. forward: the DDP wrapper under torchrun, else None."""
+    """One batch (x, y, index), no optimiser step: core.classifier_step with this run's recipe flags.
+    forward: the DDP wrapper under torchrun, else None."""
     x, y, index = batch
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with core.autocast(device, args.amp):
-        if args.method == "bp":
-            loss = F.cross_entropy((forward or model)(x).float(), y)
-            value = loss.item()  # the step's one read-back to the host
-            if not math.isfinite(value):
-                raise core.NonFiniteLoss("bp", value)
-            loss.backward()
-            return {"loss": value}
-        feats = (forward or model.backbone)(x)
-
-        def head_loss(k, f):
-            z0, u = (None, None) if index is None or noise_key is None else \
-                core.train_noise(index, (*noise_key, k), (model.dim,), device)
-            if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
-                key = None if noise_key is None else (*noise_key, k, 1)
-                t, u = core.sample_tu(k, model.T, model.span, core.uniforms(index, key, 3, len(y), device), args.diag)
-                return model.map_loss(k, f, y, z0, t, u, args.lam)
-            t = core.sample_t(len(y), k, model.T, args.time_split, device, args.t_dist, u)
-            return model.head_loss(k, f, y, z0, t, args.lam, args.sigma_min, args.mse)
-        losses = core.blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
-        probe = model.probe_loss(feats, y)
-    probe.backward()  # its value stays on the device until the epoch's sums are read
-    return {"loss": sum(losses.values()) / len(losses), "probe": probe.detach(),
-            **{f"loss_h{k}": v for k, v in losses.items()}}
+    return core.classifier_step(model, forward, x, y, index, heads, noise_key, amp=args.amp, lam=args.lam,
+                                diag=args.diag, time_split=args.time_split, t_dist=args.t_dist,
+                                sigma_min=args.sigma_min, mse=args.mse)
 
 
 summary = core.classification_summary  # the per-epoch line
@@ -353,12 +296,11 @@ def check_flags(args):
     for name in ("epochs", "bs", "T"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
-    if args.method == "bp" and args.mode == "sequential":
-        sys.exit("error: --mode sequential trains flow heads one at a time; it does not apply to --method bp")
-    if args.method == "bp" and args.time_split:
-        sys.exit("error: --time-split assigns time intervals to flow heads; it does not apply to --method bp")
-    if args.method == "bp" and args.objective == "flowmap":
-        sys.exit("error: --objective flowmap trains flow heads as flow maps; it does not apply to --method bp")
+    for used, flag in ((args.mode == "sequential", "--mode sequential trains flow heads one at a time"),
+                       (args.time_split, "--time-split assigns time intervals to flow heads"),
+                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps")):
+        if used and args.method == "bp":
+            sys.exit(f"error: {flag}; it does not apply to --method bp")
     if args.objective == "velocity" and args.span == "local":
         sys.exit("error: --span sets the times a flow-map head covers; it needs --objective flowmap")
     if not 0 <= args.diag <= 1:
@@ -399,15 +341,13 @@ def main(args):
                functools.partial(train_step, args=args, device=device), evaluate, extra)
 
 
-# ----------------------------------------------------------------------------------------------
-# The run: resume, epochs, evaluation, log, checkpoint (the same text in every script)
-# ----------------------------------------------------------------------------------------------
+# ---- The run: resume, epochs, evaluation, log, checkpoint (the same text in every script) --------
 def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluate, extra, collate_fn=None,
         **engine):
     """Train args.epochs epochs with core.train_one_epoch; per epoch evaluate["val"] (logged as val_*),
     after the last evaluate["test"] (every epoch with --test-every-epoch), one printed line, one JSON
     line in the log beside --out, then an atomic checkpoint. SIGTERM: save the position, exit 143."""
-    script = os.path.basename(__file__)
+    script, say = os.path.basename(__file__), functools.partial(print, flush=True) if core.is_main() else (lambda text: None)
     try:
         start, position = core.start_or_resume(args.out, script, vars(args), RESUME_MATCH, args.resume, model,
                                                optimizer, scheduler, ema)
@@ -417,48 +357,41 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
     loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)
-    if core.is_main():
-        print(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} "
-              f"global; {core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps "
-              f"per epoch")
-    peak, record, epoch = None, None, start
+    say(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} global; "
+        f"{core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps per epoch")
+    peak, record = None, None
     with core.Preemption() as preempt:
         for epoch in range(start, args.epochs):
             resume = position if position and position["epoch"] == epoch else None
             t0 = time.time() - (resume["elapsed"] if resume else 0.0)
+            test = evaluate.get("test") if epoch + 1 == args.epochs or args.test_every_epoch else None
             try:
                 losses, peak = core.train_one_epoch(
                     model, step, passes, optimizer, scheduler, loader, epoch, bs=args.bs, seed=args.seed,
                     clip=args.clip, max_steps=args.max_steps, forward=forward, local_params=local, ema=ema,
                     preempt=preempt, resume=resume, peak=peak, epochs=args.epochs, **engine)
+                metrics = core.evaluate_run(model, ema, evaluate.get("val"), test)
             except core.Preempted as stop:  # the step is done: save the position inside the epoch, exit
                 save(epoch - 1, stop.position)
-                if core.is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
-                          f"continue with --resume", flush=True)
+                say(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
+                    f"continue with --resume")
                 sys.exit(core.Preemption.EXIT_CODE)
             except core.NonFiniteLoss as e:
                 sys.exit(f"error: {e} at epoch {epoch + 1} step {e.step}; the last good checkpoint {args.out} "
                          f"is untouched")
             except core.DataError as e:
                 sys.exit(f"error: {e}")
-            test_now = epoch + 1 == args.epochs or args.test_every_epoch
-            try:
-                metrics = core.evaluate_run(model, ema, evaluate.get("val"), evaluate.get("test") if test_now else None)
-            except core.DataError as e:
-                sys.exit(f"error: {e}")
             record = {"epoch": epoch + 1, **losses, **metrics, "lr": scheduler.get_last_lr()[0],
                       "time": time.time() - t0, "peak_step_bytes": peak, "global_batch": args.bs * core.world_size()}
             if core.world_size() > 1:
                 record["replica_max_diff"] = core.replica_difference(model)
-            if core.is_main():
-                print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
-                with open(core.log_path(args.out), "a") as f:  # log first: a kill before the save repeats the epoch
+            say(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)")
+            if core.is_main():  # log first: a kill before the save repeats the epoch
+                with open(core.log_path(args.out), "a") as f:
                     f.write(json.dumps(record) + "\n")
             save(epoch, None)
             if preempt.requested():
-                if core.is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
+                say(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume")
                 sys.exit(core.Preemption.EXIT_CODE)
     return record
 

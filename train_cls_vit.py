@@ -7,27 +7,24 @@ split): fm ensemble 0.969 in 76 s, bp 0.989 in 81 s.
 Setups (paper defaults, picked by --dataset; every number can be overridden by its flag):
   cifar10       ViT[dim 128, depth 5, heads 4], patch 4, T = 5, 50 epochs, batch 128, random crop + flip
   cifar100      ViT[192, 6, 6], patch 4, T = 6, 300 epochs, batch 512, AutoAugment + RandomErasing 0.25
-  tinyimagenet  ViT[dim 240, depth 7, heads 6] (the paper writes ViT[240 6 7] as [d, heads, depth],
-                as for "ViT[128 4 5]: d = 128, depth 5, 4 heads"), 64x64 input, 8x8 conv stem, T = 7
-                (T = depth, as in the other setups), 1500 epochs, batch 256,
-                AutoAugment + RandomErasing 0.25 + rotation 20 degrees
+  tinyimagenet  ViT[dim 240, depth 7, heads 6] (the paper's ViT[240 6 7], read as [d, heads, depth] like
+                its "ViT[128 4 5]: d = 128, depth 5, 4 heads"), 64x64 input, 8x8 conv stem, T = 7 (T =
+                depth, as elsewhere), 1500 epochs, batch 256, AutoAugment + RandomErasing 0.25 + rotation 20
   mnist         the cifar10 setup on 28x28 grey images (patch 4)
-  digits        not a paper setup: a small ViT[64, 2, 4] with a conv stem on the offline digits
-                upsampled to 16x16, patch 4, T = 3, lr 4e-3 (bp 1e-3; both chosen on the validation
-                split), 2 warmup epochs (quick CPU runs; with the plain linear patch projection it
-                learned far slower, docs/research_notes.md)
+  digits        not a paper setup: ViT[64, 2, 4] with a conv stem (a linear patch projection learned far
+                slower) on the offline digits at 16x16, patch 4, T = 3, lr 4e-3 (bp 1e-3; both chosen on
+                the validation split), 2 warmup epochs
 AdamW lr 5e-4, wd 1e-4, 5-epoch warmup then cosine, gradient clipping 1.0, no EMA. No class token
 and no global pooling: the backbone's unpooled token sequence is the memory every flow head reads.
 TinyImageNet and CIFAR-100 are normalised with their own statistics (TinyImageNet: ImageNet's), and
 from 100 classes on the log has top-5 and top-10 (Table 4).
 
 Departure from D.2, the flow heads: D.2 describes residual-MLP predictors (hidden 1024, LayerNorm,
-dropout) on [z_t, t_emb, f(x)] with global pooling omitted. The default here is a token head
+dropout) on [z_t, t_emb, f(x)] with global pooling omitted. The default is a token head
 (core.TokenFlowHead: z_t + e_t as a query token through one transformer block over [query; tokens]):
-it reads the unpooled sequence by attention, and one head is exactly one encoder layer, what the bp
-baseline stacks T times, so the comparison is at equal capacity. --head flat is D.2's literal
-reading (the residual MLP on the flattened token sequence), --head mlp the residual MLP on
-mean-pooled tokens. Measured on digits in docs/research_notes.md ("ViT heads").
+it reads the unpooled sequence by attention, and one head is one encoder layer, what bp stacks T
+times (equal capacity). --head flat is D.2's literal reading (the residual MLP on the flattened
+tokens), --head mlp on mean-pooled tokens; measured on digits in docs/research_notes.md ("ViT heads").
 
 --method bp: the paper's baseline: the same ViT, then T stacked transformer blocks of the heads' size,
 mean pooling and a linear classifier, trained end to end (60 epochs, batch 128, lr 5e-4, wd 0.01).
@@ -35,7 +32,6 @@ mean pooling and a linear classifier, trained end to end (60 epochs, batch 128, 
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -43,7 +39,6 @@ import time
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from torch.utils.data import Subset
 from torchvision.transforms import v2
@@ -58,18 +53,15 @@ SETUPS = {
     "cifar100": dict(dim=192, depth=6, heads=6, T=6, patch=4, img_size=32, epochs=300, bs=512, stem="patch"),
     "tinyimagenet": dict(dim=240, depth=7, heads=6, T=7, patch=8, img_size=64, epochs=1500, bs=256, stem="conv"),
     "mnist": dict(dim=128, depth=5, heads=4, T=5, patch=4, img_size=28, epochs=50, bs=128, stem="patch"),
-    "digits": dict(dim=64, depth=2, heads=4, T=3, patch=4, img_size=16, epochs=40, bs=64, stem="conv", lr=4e-3,
-                   warmup=2),
+    "digits": dict(dim=64, depth=2, heads=4, T=3, patch=4, img_size=16, epochs=40, bs=64, stem="conv", lr=4e-3, warmup=2),
 }
+SETUPS = {name: {"lr": 5e-4, "warmup": 5, **setup} for name, setup in SETUPS.items()}  # D.2's optimiser defaults
 # digits' learning rates, chosen on its validation split (docs/research_notes.md): fm 4e-3 (above), bp 1e-3
 BP_DIGITS = {"lr": 1e-3}
 # normalisation statistics; TinyImageNet is an ImageNet subset and uses ImageNet's
 STATS = {"mnist": ([0.5], [0.5]), "cifar10": ([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]),
          "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
          "tinyimagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
-for setup in SETUPS.values():  # paper D.2 optimiser defaults
-    setup.setdefault("lr", 5e-4)
-    setup.setdefault("warmup", 5)
 
 
 def get_args_parser(add_help=True):
@@ -87,17 +79,14 @@ def get_args_parser(add_help=True):
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
-                   help="t during training: U[0,1] (paper), u^2 (more weight near t=0), or 0 (core.sample_t)")
-    p.add_argument("--diag", type=float, default=0.25,
-                   help="flowmap: share of (t, u) draws on the diagonal t = u, where the SGFlow loss is flow matching")
+                   help="t in training: U[0,1] (paper), u^2 (more near t = 0), or 0 (core.sample_t)")
+    p.add_argument("--diag", type=float, default=0.25, help="flowmap: share of (t, u) draws with t = u (flow matching)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the anchor cross-entropy (paper: 1)")
-    p.add_argument("--mse", default="mean", choices=["mean", "sum"],
-                   help="flow MSE averaged over latent dims (A.1.1 'MSE') or summed (||.||^2 of Alg. 1)")
+    p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE: mean (A.1.1) or sum over d (Alg. 1)")
     # model: a --resume must match these (and --dataset, --method, --final): RESUME_MATCH
     arch = p.add_argument_group("model")
     arch.add_argument("--objective", default="velocity", choices=["velocity", "flowmap"],
-                      help="heads learn the velocity (the paper), or the flow map f(t, u, z) with SGFlow's loss "
-                           "(any-step inference; logs acc_steps_1/2/4/8)")
+                      help="heads learn the velocity (the paper), or the flow map f(t, u, z) by SGFlow's loss")
     arch.add_argument("--span", default="global", choices=["global", "local"],
                       help="flowmap: every head maps all of [0, 1], or head k only its interval [k/T, (k+1)/T]")
     arch.add_argument("--T", type=int, default=5, help="number of flow heads (bp: stacked blocks)")
@@ -126,25 +115,21 @@ def get_args_parser(add_help=True):
                    help="EMA model's BatchNorm statistics (conv stem): averaged like the weights, or the trained model's")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone and each head (bp: the model) in place; measured by analyze.py --speed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone and heads (bp: the model)")
     # run
     p.add_argument("--seed", type=int, default=0, help="random seed (also seeds evaluation noise)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
-    p.add_argument("--final", action="store_true",
-                   help="train on train + validation (once the choices are made) and report test; no val_ metrics")
-    p.add_argument("--test-every-epoch", action="store_true",
-                   help="log the test metrics every epoch (for curves); default: after the last epoch only")
+    p.add_argument("--final", action="store_true", help="train on train + validation; no val_ metrics")
+    p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     return p
 
 
 def parse_args(argv=None):
-    """Flags, with the --dataset setup and then bp's defaults as real argparse defaults: a first pass
-    reads --dataset and --method (abbreviations included), set_defaults applies their setup, and the
-    second pass parses. A flag the user typed always wins; --help shows what the run will use."""
+    """Flags with the --dataset setup, then bp's, as real argparse defaults (set_defaults after a first pass
+    reads --dataset and --method). A flag the user typed always wins; --help shows what the run uses."""
     first, _ = get_args_parser(add_help=False).parse_known_args(argv)
     parser = get_args_parser()
     defaults = dict(SETUPS[first.dataset])
@@ -162,9 +147,7 @@ OLD_CHECKPOINTS = {"diag": 0.25, "compile": False, "objective": "velocity", "spa
                    "test_every_epoch": False}
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
+# ---- Data ----------------------------------------------------------------------------------------
 DATA_HINTS = {"cifar10": "put cifar-10-batches-py/ under --data", "cifar100": "put cifar-100-python/ under --data",
               "mnist": "put MNIST/raw/*-ubyte files under --data",
               "tinyimagenet": "download tiny-imagenet-200.zip (cs231n.stanford.edu) and unzip it under --data"}
@@ -193,19 +176,8 @@ def read_dataset(name, root, train_tf, test_tf, download=True):
         return train, core.with_transform(train, test_tf), test, len(train.classes)
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "mnist": torchvision.datasets.MNIST}[name]
-    sets = []
-    for split, tf in ((True, train_tf), (False, test_tf)):
-        try:
-            sets.append(cls(root, train=split, transform=tf, download=False))
-        except RuntimeError:
-            try:
-                if not download:
-                    raise RuntimeError("offline")
-                sets.append(cls(root, train=split, transform=tf, download=True))
-            except Exception as e:
-                raise core.DataError(f"{name} not found under {os.path.abspath(root)} and not downloaded "
-                                     f"({type(e).__name__}): {DATA_HINTS[name]}") from None
-    return sets[0], core.with_transform(sets[0], test_tf), sets[1], len(sets[0].classes)
+    train, test = core.torchvision_sets(cls, name, root, train_tf, test_tf, DATA_HINTS[name], download)
+    return train, core.with_transform(train, test_tf), test, len(train.classes)
 
 
 def build_data(args):
@@ -237,9 +209,7 @@ def build_data(args):
     return core.Seeded(core.WithIndex(train), args.seed), val, core.WithIndex(test), num_classes, in_ch
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
+# ---- Model ---------------------------------------------------------------------------------------
 class ViTBackbone(nn.Module):
     """timm VisionTransformer without class token or pooling. Returns the token sequence after every
     block, [B, N, D] each (the last one layer-normed): heads read the last, analyses all of them."""
@@ -283,19 +253,16 @@ class BPClassifier(nn.Module):
         return self.head(self.layers(self.backbone(x)[-1]).mean(1))
 
 
-class PooledMLPHead(core.MLPFlowHead):
-    """--head mlp: the residual-MLP head on mean-pooled tokens."""
+class TokensMLPHead(core.MLPFlowHead):
+    """The residual-MLP head on the token sequence: mean-pooled (--head mlp), or flattened to [B, N * D]
+    (--head flat, D.2's literal reading: predictors on [z_t, t_emb, f(x)] with global pooling omitted)."""
+
+    def __init__(self, flat, *args):
+        super().__init__(*args)
+        self.flat = flat
 
     def forward(self, z, tokens, t, u=None):
-        return super().forward(z, tokens.mean(1), t, u)
-
-
-class FlatMLPHead(core.MLPFlowHead):
-    """--head flat: the residual-MLP head on the flattened token sequence [B, N * D] (D.2's literal
-    reading: predictors on [z_t, t_emb, f(x)] with global pooling omitted)."""
-
-    def forward(self, z, tokens, t, u=None):
-        return super().forward(z, tokens.flatten(1), t, u)
+        return super().forward(z, tokens.flatten(1) if self.flat else tokens.mean(1), t, u)
 
 
 def build_model(args, num_classes, in_ch):
@@ -304,54 +271,23 @@ def build_model(args, num_classes, in_ch):
     if args.method == "bp":
         return BPClassifier(backbone, num_classes, args.dim, args.heads, args.T)
     maps = args.objective == "flowmap"
-    if args.head == "token":
-        heads = [core.TokenFlowHead(args.dim, args.dim, args.heads, dropout=args.dropout, maps=maps)
-                 for _ in range(args.T)]
-    elif args.head == "mlp":
-        heads = [PooledMLPHead(args.dim, args.dim, args.hidden, args.head_blocks, args.dropout, maps)
-                 for _ in range(args.T)]
-    else:
-        tokens = (args.img_size // args.patch) ** 2
-        heads = [FlatMLPHead(tokens * args.dim, args.dim, args.hidden, args.head_blocks, args.dropout, maps)
-                 for _ in range(args.T)]
+    feat_dim = (args.img_size // args.patch) ** 2 * args.dim if args.head == "flat" else args.dim
+    heads = [core.TokenFlowHead(args.dim, args.dim, args.heads, dropout=args.dropout, maps=maps) if args.head == "token"
+             else TokensMLPHead(args.head == "flat", feat_dim, args.dim, args.hidden, args.head_blocks, args.dropout, maps)
+             for _ in range(args.T)]
     return core.FlowClassifier(backbone, heads, num_classes, args.dim, None, args.dim, guard=not args.no_guard,
                                objective=args.objective, span=args.span)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- Training and evaluation ---------------------------------------------------------------------
 def train_step(model, forward, batch, heads, noise_key, args, device):
-    """One batch (x, y, index), no optimiser step. fm: the backbone once, then core.blockwise_backward over
-    `heads`, each with its local loss (eq. 19) at t from core.sample_t and per-sample noise from
-    core.train_noise (fresh draws when index or noise_key is None), then the detached probe. bp:
-    cross-entropy and one joint backward. forward: the DDP wrapper under torchrun, else None."""
+    """One batch (x, y, index), no optimiser step: core.classifier_step with this run's recipe flags.
+    forward: the DDP wrapper under torchrun, else None."""
     x, y, index = batch
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with core.autocast(device, args.amp):
-        if args.method == "bp":
-            loss = F.cross_entropy((forward or model)(x).float(), y)
-            value = loss.item()  # the step's one read-back to the host
-            if not math.isfinite(value):
-                raise core.NonFiniteLoss("bp", value)
-            loss.backward()
-            return {"loss": value}
-        feats = (forward or model.backbone)(x)
-
-        def head_loss(k, f):
-            z0, u = (None, None) if index is None or noise_key is None else \
-                core.train_noise(index, (*noise_key, k), (model.dim,), device)
-            if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
-                key = None if noise_key is None else (*noise_key, k, 1)
-                t, u = core.sample_tu(k, model.T, model.span, core.uniforms(index, key, 3, len(y), device), args.diag)
-                return model.map_loss(k, f, y, z0, t, u, args.lam)
-            t = core.sample_t(len(y), k, model.T, args.time_split, device, args.t_dist, u)
-            return model.head_loss(k, f, y, z0, t, args.lam, args.sigma_min, args.mse)
-        losses = core.blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
-        probe = model.probe_loss(feats, y)
-    probe.backward()  # its value stays on the device until the epoch's sums are read
-    return {"loss": sum(losses.values()) / len(losses), "probe": probe.detach(),
-            **{f"loss_h{k}": v for k, v in losses.items()}}
+    return core.classifier_step(model, forward, x, y, index, heads, noise_key, amp=args.amp, lam=args.lam,
+                                diag=args.diag, time_split=args.time_split, t_dist=args.t_dist,
+                                sigma_min=args.sigma_min, mse=args.mse)
 
 
 summary = core.classification_summary  # the per-epoch line
@@ -362,12 +298,11 @@ def check_flags(args):
     for name in ("epochs", "bs", "T"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
-    if args.method == "bp" and args.mode == "sequential":
-        sys.exit("error: --mode sequential trains flow heads one at a time; it does not apply to --method bp")
-    if args.method == "bp" and args.time_split:
-        sys.exit("error: --time-split assigns time intervals to flow heads; it does not apply to --method bp")
-    if args.method == "bp" and args.objective == "flowmap":
-        sys.exit("error: --objective flowmap trains flow heads as flow maps; it does not apply to --method bp")
+    for used, flag in ((args.mode == "sequential", "--mode sequential trains flow heads one at a time"),
+                       (args.time_split, "--time-split assigns time intervals to flow heads"),
+                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps")):
+        if used and args.method == "bp":
+            sys.exit(f"error: {flag}; it does not apply to --method bp")
     if args.objective == "velocity" and args.span == "local":
         sys.exit("error: --span sets the times a flow-map head covers; it needs --objective flowmap")
     if not 0 <= args.diag <= 1:
@@ -406,15 +341,13 @@ def main(args):
                functools.partial(train_step, args=args, device=device), evaluate, extra)
 
 
-# ----------------------------------------------------------------------------------------------
-# The run: resume, epochs, evaluation, log, checkpoint (the same text in every script)
-# ----------------------------------------------------------------------------------------------
+# ---- The run: resume, epochs, evaluation, log, checkpoint (the same text in every script) --------
 def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluate, extra, collate_fn=None,
         **engine):
     """Train args.epochs epochs with core.train_one_epoch; per epoch evaluate["val"] (logged as val_*),
     after the last evaluate["test"] (every epoch with --test-every-epoch), one printed line, one JSON
     line in the log beside --out, then an atomic checkpoint. SIGTERM: save the position, exit 143."""
-    script = os.path.basename(__file__)
+    script, say = os.path.basename(__file__), functools.partial(print, flush=True) if core.is_main() else (lambda text: None)
     try:
         start, position = core.start_or_resume(args.out, script, vars(args), RESUME_MATCH, args.resume, model,
                                                optimizer, scheduler, ema)
@@ -424,48 +357,41 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
     loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)
-    if core.is_main():
-        print(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} "
-              f"global; {core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps "
-              f"per epoch")
-    peak, record, epoch = None, None, start
+    say(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} global; "
+        f"{core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps per epoch")
+    peak, record = None, None
     with core.Preemption() as preempt:
         for epoch in range(start, args.epochs):
             resume = position if position and position["epoch"] == epoch else None
             t0 = time.time() - (resume["elapsed"] if resume else 0.0)
+            test = evaluate.get("test") if epoch + 1 == args.epochs or args.test_every_epoch else None
             try:
                 losses, peak = core.train_one_epoch(
                     model, step, passes, optimizer, scheduler, loader, epoch, bs=args.bs, seed=args.seed,
                     clip=args.clip, max_steps=args.max_steps, forward=forward, local_params=local, ema=ema,
                     preempt=preempt, resume=resume, peak=peak, epochs=args.epochs, **engine)
+                metrics = core.evaluate_run(model, ema, evaluate.get("val"), test)
             except core.Preempted as stop:  # the step is done: save the position inside the epoch, exit
                 save(epoch - 1, stop.position)
-                if core.is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
-                          f"continue with --resume", flush=True)
+                say(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
+                    f"continue with --resume")
                 sys.exit(core.Preemption.EXIT_CODE)
             except core.NonFiniteLoss as e:
                 sys.exit(f"error: {e} at epoch {epoch + 1} step {e.step}; the last good checkpoint {args.out} "
                          f"is untouched")
             except core.DataError as e:
                 sys.exit(f"error: {e}")
-            test_now = epoch + 1 == args.epochs or args.test_every_epoch
-            try:
-                metrics = core.evaluate_run(model, ema, evaluate.get("val"), evaluate.get("test") if test_now else None)
-            except core.DataError as e:
-                sys.exit(f"error: {e}")
             record = {"epoch": epoch + 1, **losses, **metrics, "lr": scheduler.get_last_lr()[0],
                       "time": time.time() - t0, "peak_step_bytes": peak, "global_batch": args.bs * core.world_size()}
             if core.world_size() > 1:
                 record["replica_max_diff"] = core.replica_difference(model)
-            if core.is_main():
-                print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
-                with open(core.log_path(args.out), "a") as f:  # log first: a kill before the save repeats the epoch
+            say(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)")
+            if core.is_main():  # log first: a kill before the save repeats the epoch
+                with open(core.log_path(args.out), "a") as f:
                     f.write(json.dumps(record) + "\n")
             save(epoch, None)
             if preempt.requested():
-                if core.is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
+                say(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume")
                 sys.exit(core.Preemption.EXIT_CODE)
     return record
 

@@ -141,8 +141,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone and each head (bp: the model) in place; measured by analyze.py --speed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone and heads (bp: the model)")
     # inference
     p.add_argument("--score-thresh", type=float, default=0.05, help="keep detections with score >= this")
     p.add_argument("--nms", type=float, default=0.5, help="per-class NMS IoU threshold")
@@ -155,8 +154,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N validation / test images only")
     p.add_argument("--final", action="store_true",
                    help="train on trainval (once the choices are made) and report test; no val_ metrics")
-    p.add_argument("--test-every-epoch", action="store_true",
-                   help="log the test metrics every epoch (for curves); default: after the last epoch only")
+    p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     # the default dataset's setup and recipe; parse_args applies those the command line asks for
     p.set_defaults(**SETUPS["voc2007"], **RECIPES["dfm"])
     return p
@@ -217,9 +215,7 @@ OLD_CHECKPOINTS = {"compile": False, "hflip": 0.5, "crop": 0.0, "stride": 32, "q
                    "test_every_epoch": False}
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation: PASCAL VOC mAP, devkit rules
-# ----------------------------------------------------------------------------------------------
+# ---- Evaluation: PASCAL VOC mAP, devkit rules ----------------------------------------------------
 def _np(x):
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
@@ -300,9 +296,7 @@ def voc_eval(dets, gts, num_classes, iou_thresh=0.5, use_07_metric=True):
     return {"map": float(np.mean(valid)) if valid else 0.0, "ap": aps}
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
+# ---- Data ----------------------------------------------------------------------------------------
 MINIVOC_VERSION = "minivoc 2: 64-96 px canvases, 1-5 digits of 12-40 px"
 
 
@@ -519,9 +513,7 @@ def collate(batch):
     return torch.stack(images), list(targets), torch.tensor(index)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
+# ---- Model ---------------------------------------------------------------------------------------
 def build_tiny(stride):
     """A small CNN for CPU quickstarts (random init only): log2(stride) stages of 3x3 conv with
     stride 2, BatchNorm and ReLU, with 32, 64, 128, 256, 256 channels."""
@@ -761,9 +753,7 @@ def build_model(args, num_classes):
                         predict=args.predict, z0_std=args.z0_std)
 
 
-# ----------------------------------------------------------------------------------------------
-# Targets, coupling and the matching loss
-# ----------------------------------------------------------------------------------------------
+# ---- Targets, coupling and the matching loss -----------------------------------------------------
 def slot_targets(targets, slots, num_classes, device):
     """Per image: the first `slots` objects (annotation order) and background elsewhere.
     Returns classes [B, M] (background = C), boxes [B, M, 4] (zeros for background) and the number
@@ -969,9 +959,7 @@ def block_loss(model, k, feats, targets, slots, args, z0, u=None, path=None):
     return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
 
 
-# ----------------------------------------------------------------------------------------------
-# Inference and evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- Inference and evaluation --------------------------------------------------------------------
 def postprocess(logits, boxes, sizes, score_thresh=0.05, nms_iou=0.5):
     """Drop no-object, keep (slot, class) pairs with score >= thresh, per-class NMS, scale cxcywh in
     [0, 1] to each image's original pixels (VOC's 1-based convention). Returns one dict per image."""
@@ -1046,9 +1034,7 @@ def evaluate(model, loader, args, device, num_classes):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# ---- Training ------------------------------------------------------------------------------------
 def train_step(model, forward, batch, blocks, noise_key, args, device):
     """One batch (x, targets, index), no optimiser step; returns the losses. fm: the backbone once, then
     core.blockwise_backward over `blocks` with block_loss; with --train-path euler one Euler trajectory
@@ -1165,15 +1151,13 @@ def main_first(fn):
     return fn()
 
 
-# ----------------------------------------------------------------------------------------------
-# The run: resume, epochs, evaluation, log, checkpoint (the same text in every script)
-# ----------------------------------------------------------------------------------------------
+# ---- The run: resume, epochs, evaluation, log, checkpoint (the same text in every script) --------
 def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluate, extra, collate_fn=None,
         **engine):
     """Train args.epochs epochs with core.train_one_epoch; per epoch evaluate["val"] (logged as val_*),
     after the last evaluate["test"] (every epoch with --test-every-epoch), one printed line, one JSON
     line in the log beside --out, then an atomic checkpoint. SIGTERM: save the position, exit 143."""
-    script = os.path.basename(__file__)
+    script, say = os.path.basename(__file__), functools.partial(print, flush=True) if core.is_main() else (lambda text: None)
     try:
         start, position = core.start_or_resume(args.out, script, vars(args), RESUME_MATCH, args.resume, model,
                                                optimizer, scheduler, ema)
@@ -1183,48 +1167,41 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
     loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)
-    if core.is_main():
-        print(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} "
-              f"global; {core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps "
-              f"per epoch")
-    peak, record, epoch = None, None, start
+    say(f"batch {args.bs} per process x {core.world_size()} process(es) = {args.bs * core.world_size()} global; "
+        f"{core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)} steps per epoch")
+    peak, record = None, None
     with core.Preemption() as preempt:
         for epoch in range(start, args.epochs):
             resume = position if position and position["epoch"] == epoch else None
             t0 = time.time() - (resume["elapsed"] if resume else 0.0)
+            test = evaluate.get("test") if epoch + 1 == args.epochs or args.test_every_epoch else None
             try:
                 losses, peak = core.train_one_epoch(
                     model, step, passes, optimizer, scheduler, loader, epoch, bs=args.bs, seed=args.seed,
                     clip=args.clip, max_steps=args.max_steps, forward=forward, local_params=local, ema=ema,
                     preempt=preempt, resume=resume, peak=peak, epochs=args.epochs, **engine)
+                metrics = core.evaluate_run(model, ema, evaluate.get("val"), test)
             except core.Preempted as stop:  # the step is done: save the position inside the epoch, exit
                 save(epoch - 1, stop.position)
-                if core.is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
-                          f"continue with --resume", flush=True)
+                say(f"SIGTERM: saved epoch {epoch + 1} at step {stop.position['count']} to {args.out}; "
+                    f"continue with --resume")
                 sys.exit(core.Preemption.EXIT_CODE)
             except core.NonFiniteLoss as e:
                 sys.exit(f"error: {e} at epoch {epoch + 1} step {e.step}; the last good checkpoint {args.out} "
                          f"is untouched")
             except core.DataError as e:
                 sys.exit(f"error: {e}")
-            test_now = epoch + 1 == args.epochs or args.test_every_epoch
-            try:
-                metrics = core.evaluate_run(model, ema, evaluate.get("val"), evaluate.get("test") if test_now else None)
-            except core.DataError as e:
-                sys.exit(f"error: {e}")
             record = {"epoch": epoch + 1, **losses, **metrics, "lr": scheduler.get_last_lr()[0],
                       "time": time.time() - t0, "peak_step_bytes": peak, "global_batch": args.bs * core.world_size()}
             if core.world_size() > 1:
                 record["replica_max_diff"] = core.replica_difference(model)
-            if core.is_main():
-                print(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)", flush=True)
-                with open(core.log_path(args.out), "a") as f:  # log first: a kill before the save repeats the epoch
+            say(f"epoch {epoch + 1}/{args.epochs} {summary(record)} ({record['time']:.1f}s)")
+            if core.is_main():  # log first: a kill before the save repeats the epoch
+                with open(core.log_path(args.out), "a") as f:
                     f.write(json.dumps(record) + "\n")
             save(epoch, None)
             if preempt.requested():
-                if core.is_main():
-                    print(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume", flush=True)
+                say(f"SIGTERM: saved epoch {epoch + 1} to {args.out}; continue with --resume")
                 sys.exit(core.Preemption.EXIT_CODE)
     return record
 
