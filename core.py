@@ -700,10 +700,11 @@ class WeightsError(RuntimeError):
     """Weights that cannot be had or do not fit; one-line message."""
 
 
-def load_weights(module, path, name, skip=()):
+def load_weights(module, path, name, skip=(), new=None):
     """Load a local state dict (.safetensors, or a torch file; a {'model': ...} or {'state_dict': ...}
-    wrapper is unwrapped) into `module`, keys starting with `skip` ignored on both sides; WeightsError
-    with one line naming the file when it cannot be read or does not fit exactly."""
+    wrapper is unwrapped) into `module`, keys starting with `skip` ignored on both sides, and keys of
+    `module` containing `new` allowed to be absent from the file (they keep their values); WeightsError
+    with one line naming the file when it cannot be read or does not fit exactly. Returns the absent keys."""
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -719,12 +720,26 @@ def load_weights(module, path, name, skip=()):
         raise WeightsError(f"{path} holds no state dict")
     state = {k: v for k, v in state.items() if not (skip and k.startswith(skip))}
     own = {k: v for k, v in module.state_dict().items() if not (skip and k.startswith(skip))}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    absent = sorted(k for k in set(own) - set(state) if new and new in k)
+    missing, unexpected = sorted(set(own) - set(state) - set(absent)), sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
         raise WeightsError(f"{path} does not fit {name}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
                            f"wrong shape {shapes[:4]}")
     module.load_state_dict(state, strict=False)
+    return absent
+
+
+def start_from_run(model, path):
+    """Start `model` from the weights of an earlier run of the same architecture (its checkpoint at `path`),
+    e.g. flow-map heads from trained velocity heads (SGFlow used for distillation): a velocity run has no
+    target-time embeddings e'_u, so theirs start with a zero last layer and g(z, f, t, u) = v(z, f, t) at
+    first: the map starts as one Euler step, f(t, u, z) = z + (u - t) v. WeightsError when it does not fit."""
+    absent = load_weights(model, path, "this model", new=".time_u.")
+    for k, head in enumerate(getattr(model, "heads", [])):
+        if any(key.startswith(f"heads.{k}.time_u.") for key in absent):
+            nn.init.zeros_(head.time_u.mlp[-1].weight)
+            nn.init.zeros_(head.time_u.mlp[-1].bias)
 
 
 # ==== Plumbing: checkpoints and resume ============================================================

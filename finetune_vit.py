@@ -114,6 +114,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--init", default=None, help="start from the weights of a run of this model (core.start_from_run)")
     p.add_argument("--final", action="store_true", help="train on train + validation; no val_ metrics")
     p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
@@ -300,11 +301,13 @@ def main(args):
     try:
         model = build_model(args, NUM_CLASSES_HINT[args.dataset])
         train_set, val_set, test_set, num_classes = build_data(args, model.backbone)
+        if num_classes != NUM_CLASSES_HINT[args.dataset]:  # e.g. an ImageNet-R subset with fewer classes
+            core.seed_everything(args.seed)
+            model = build_model(args, num_classes)
+        if args.init:  # e.g. flow maps from a velocity run's heads
+            core.start_from_run(model, args.init)
     except (core.WeightsError, core.DataError) as e:
         sys.exit(f"error: {e}")
-    if num_classes != NUM_CLASSES_HINT[args.dataset]:  # e.g. an ImageNet-R subset with fewer classes
-        core.seed_everything(args.seed)
-        model = build_model(args, num_classes)
     model = model.to(device)
     if args.dataset == "digits":
         args.workers = 0  # in-memory tensors: worker processes only add start-up time

@@ -1615,6 +1615,41 @@ def test_flowmap_runs_log_accuracy_against_steps(tmp_path):
     assert ckpt["args"]["objective"] == "flowmap" and "heads.0.time_u.mlp.0.weight" in ckpt["model"]
 
 
+
+def test_flow_maps_started_from_velocity_heads_take_one_euler_step(tmp_path):
+    """start_from_run: a velocity run's weights load into flow-map heads, whose target-time embedding starts
+    at zero, so f(t, u, z) = z + (u - t) v(z, t) exactly; weights that do not fit stop with one line."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
+    heads = [core.MLPFlowHead(12, 8, hidden=16, blocks=1, dropout=0.0) for _ in range(2)]
+    velocity = core.FlowClassifier(ListOut(backbone), heads, 5, 8, probe_dim=12)
+    core.save_checkpoint({"model": velocity.state_dict()}, str(tmp_path / "v.pt"))
+    maps = flowmap_classifier(2)
+    core.start_from_run(maps, str(tmp_path / "v.pt"))
+    for name, value in velocity.state_dict().items():
+        assert torch.equal(maps.state_dict()[name], value), name
+    x, z, t, u = torch.randn(4, 6), torch.randn(4, 8), torch.rand(4) * 0.5, 0.5 + torch.rand(4) * 0.5
+    with torch.no_grad():
+        feats = maps.backbone(x)
+        for k in range(2):
+            euler = z + (u - t)[:, None] * velocity.velocity(k, z, feats, t)
+            torch.testing.assert_close(maps.flow_map(k, z, feats, t, u), euler)
+    other = core.FlowClassifier(ListOut(nn.Sequential(nn.Linear(6, 12), nn.Tanh())),
+                                [core.MLPFlowHead(12, 4, hidden=16, blocks=1) for _ in range(2)], 5, 4, probe_dim=12)
+    with pytest.raises(core.WeightsError, match="does not fit this model: .*wrong shape"):
+        core.start_from_run(other, str(tmp_path / "v.pt"))
+
+
+def test_a_flowmap_run_starts_from_a_velocity_run(tmp_path):
+    first = str(tmp_path / "velocity.pt")
+    train_cls_cnn.main(parse(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "2", "--out", first]))
+    out = str(tmp_path / "maps.pt")
+    record = train_cls_cnn.main(parse(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "1", "--objective",
+                                                                  "flowmap", "--init", first, "--out", out]))
+    assert 0 <= record["acc_steps_1"] <= 1 and core.load_checkpoint(out)["args"]["init"] == first
+    message = exit_message(train_cls_cnn, SMALL_CNN + ["--dim", "24", "--init", first, "--out", str(tmp_path / "x.pt")])
+    assert message.startswith("error: ") and "does not fit this model" in message and not os.path.exists(tmp_path / "x.pt")
+
 # ------------------------------------------------------------------------------------------------
 # issue 18: device noise, one read-back per step, --speed, --compile / --channels-last
 # ------------------------------------------------------------------------------------------------

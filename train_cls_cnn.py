@@ -49,12 +49,10 @@ from torchvision.transforms import v2
 
 import core
 
-# --method bp: the baseline's own D.2 defaults, over the dataset's setup
-BP_DEFAULTS = {"epochs": 60, "bs": 128, "lr": 1e-3, "wd": 0.01, "warmup": 0, "ema": 0.0}
+BP_DEFAULTS = {"epochs": 60, "bs": 128, "lr": 1e-3, "wd": 0.01, "warmup": 0, "ema": 0.0}  # --method bp: D.2's
 # native input size per dataset
 IMG_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
-# the paper's D.2 CNN setup per dataset; digits (not in the paper) gets a small CPU config
-PAPER = dict(channels="96,384,1536", dim=512, hidden=1024, epochs=200, warmup=5, ema=0.995)
+PAPER = dict(channels="96,384,1536", dim=512, hidden=1024, epochs=200, warmup=5, ema=0.995)  # D.2's CNN setup
 SETUPS = {name: dict(PAPER, img_size=size) for name, size in IMG_SIZE.items()}
 SETUPS["digits"].update(channels="32,64,128", dim=64, hidden=256, epochs=30, warmup=1, ema=0.98)
 SETUPS["cifar100"].update(erasing=0.25)
@@ -95,8 +93,7 @@ def get_args_parser(add_help=True):
     arch.add_argument("--T", type=int, default=3, help="number of flow heads (bp: number of stacked layers)")
     arch.add_argument("--no-guard", action="store_true", help="disable the class-embedding collapse guard")
     arch.add_argument("--img-size", type=int, default=32, help="input size (the dataset's native size)")
-    arch.add_argument("--channels", default=PAPER["channels"], help="channels of the three conv stages (paper 96,384,"
-                                                                    "1536)")
+    arch.add_argument("--channels", default=PAPER["channels"], help="channels of the three conv stages")
     arch.add_argument("--dim", type=int, default=PAPER["dim"], help="latent dimension d (paper 512)")
     arch.add_argument("--hidden", type=int, default=PAPER["hidden"], help="hidden width of the MLP heads (paper 1024)")
     arch.add_argument("--head-blocks", type=int, default=2,
@@ -127,6 +124,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--init", default=None, help="start from the weights of a run of this model (core.start_from_run)")
     p.add_argument("--final", action="store_true", help="train on train + validation; no val_ metrics")
     p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
@@ -313,13 +311,15 @@ def main(args):
     check_flags(args)
     try:
         train_set, val_set, test_set, num_classes, in_ch = build_data(args)
-    except core.DataError as e:
+        model = build_model(args, num_classes, in_ch).to(device)
+        if args.init:  # e.g. flow maps from a velocity run's heads
+            core.start_from_run(model, args.init)
+    except (core.DataError, core.WeightsError) as e:
         sys.exit(f"error: {e}")
     if args.dataset == "digits":
         args.workers = 0  # in-memory tensors: worker processes only add start-up time
     loaders = {name: torch.utils.data.DataLoader(core.shard(data), 512, shuffle=False, num_workers=args.workers)
                for name, data in (("val", val_set), ("test", test_set)) if data is not None}
-    model = build_model(args, num_classes, in_ch).to(device)
     if args.channels_last:  # NHWC convolutions; train_step converts each batch
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)

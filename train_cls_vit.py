@@ -45,10 +45,8 @@ from torchvision.transforms import v2
 
 import core
 
-# --method bp: the baseline's own D.2 defaults, over the dataset's setup
-BP_DEFAULTS = {"epochs": 60, "bs": 128, "lr": 5e-4, "wd": 0.01, "warmup": 0}
-# paper setups (D.2) per dataset, applied as argparse defaults by parse_args
-SETUPS = {
+BP_DEFAULTS = {"epochs": 60, "bs": 128, "lr": 5e-4, "wd": 0.01, "warmup": 0}  # --method bp: D.2's
+SETUPS = {  # the paper's setups (D.2) per dataset, argparse defaults through parse_args
     "cifar10": dict(dim=128, depth=5, heads=4, T=5, patch=4, img_size=32, epochs=50, bs=128, stem="patch"),
     "cifar100": dict(dim=192, depth=6, heads=6, T=6, patch=4, img_size=32, epochs=300, bs=512, stem="patch"),
     "tinyimagenet": dict(dim=240, depth=7, heads=6, T=7, patch=8, img_size=64, epochs=1500, bs=256, stem="conv"),
@@ -56,8 +54,7 @@ SETUPS = {
     "digits": dict(dim=64, depth=2, heads=4, T=3, patch=4, img_size=16, epochs=40, bs=64, stem="conv", lr=4e-3, warmup=2),
 }
 SETUPS = {name: {"lr": 5e-4, "warmup": 5, **setup} for name, setup in SETUPS.items()}  # D.2's optimiser defaults
-# digits' learning rates, chosen on its validation split (docs/research_notes.md): fm 4e-3 (above), bp 1e-3
-BP_DIGITS = {"lr": 1e-3}
+BP_DIGITS = {"lr": 1e-3}  # digits' lrs, chosen on its validation split (docs/research_notes.md): fm 4e-3, bp 1e-3
 # normalisation statistics; TinyImageNet is an ImageNet subset and uses ImageNet's
 STATS = {"mnist": ([0.5], [0.5]), "cifar10": ([0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]),
          "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
@@ -121,6 +118,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--init", default=None, help="start from the weights of a run of this model (core.start_from_run)")
     p.add_argument("--final", action="store_true", help="train on train + validation; no val_ metrics")
     p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
@@ -315,13 +313,15 @@ def main(args):
     check_flags(args)
     try:
         train_set, val_set, test_set, num_classes, in_ch = build_data(args)
-    except core.DataError as e:
+        model = build_model(args, num_classes, in_ch).to(device)
+        if args.init:  # e.g. flow maps from a velocity run's heads
+            core.start_from_run(model, args.init)
+    except (core.DataError, core.WeightsError) as e:
         sys.exit(f"error: {e}")
     if args.dataset == "digits":
         args.workers = 0  # in-memory tensors: worker processes only add start-up time
     loaders = {name: torch.utils.data.DataLoader(core.shard(data), 512, shuffle=False, num_workers=args.workers)
                for name, data in (("val", val_set), ("test", test_set)) if data is not None}
-    model = build_model(args, num_classes, in_ch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     passes = core.head_schedule(args.T, args.method == "fm" and args.mode == "sequential")
     steps = core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)
