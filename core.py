@@ -18,6 +18,7 @@ noise and data helpers, checkpoints and resume, the process group, the saved-act
 epoch engine `train_one_epoch`. Core takes modules, tensors and keyword arguments; it never reads the
 command line, prints or exits: each script's main() does that.
 """
+import atexit
 import copy
 import json
 import math
@@ -865,6 +866,9 @@ def init_distributed(device_name="auto"):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # leave the group when the process ends (also by sys.exit): without it gloo's threads were sometimes
+        # still running at exit and the process aborted ('terminate called without an active exception')
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return device
 
 
