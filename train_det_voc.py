@@ -86,9 +86,7 @@ def get_args_parser(add_help=True):
     # method
     p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the DETR-style baseline")
     p.add_argument("--recipe", default="dfm", choices=sorted(RECIPES),
-                   help="fm's flow formulation: dfm (coupling match, shared queries, predict refine, Euler training "
-                        "path, z0 std 0.1, start at the mean) or paper (index, per-block queries, velocity, straight "
-                        "line, z0 ~ N(0, I), noise start); each part can be overridden by its own flag")
+                   help="fm's flow formulation (RECIPES): this project's or the paper's; each part has its own flag")
     p.add_argument("--mode", default=None, choices=["parallel", "sequential"],
                    help="schedule: Algorithm 1 (a full pass per block) or every batch trains all blocks")
     p.add_argument("--train-path", default=None, choices=["line", "euler"],
@@ -167,11 +165,8 @@ SETUPS = {
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
                     epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0, crop=0.6),
 }
-# --recipe: the flow formulation. 'paper' is the literal reading of Sections 3.1.1 / A.1.2 (objects in
-# annotation order, per-block slot queries, velocity output, training on the straight line, z0 ~ N(0, I),
-# Euler from a noise draw); 'dfm' is this project's (docs/research_notes.md): the slot that
-# finds an object is its target, shared queries, each block refines the running estimate, blocks
-# train on the Euler states inference visits, small noise, Euler from the noise's mean. fm only.
+# --recipe: the flow formulation (fm only): 'paper', the literal reading of Sections 3.1.1 / A.1.2, and 'dfm',
+# this project's (module docstring; docs/research_notes.md)
 RECIPES = {
     "paper": dict(coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0,
                   z0_infer="noise"),
@@ -181,11 +176,9 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    """Flags, with the --dataset setup and the --recipe as real argparse defaults. A first pass reads
-    --dataset, --recipe and --method (abbreviations included) and applies them with set_defaults (bp: the
-    parallel schedule, one joint update per batch); a second pass reads --lr, which the backbone lr
-    follows where the setup has none (minivoc). A flag the user typed always wins; --help shows what
-    the run will use."""
+    """Flags with the --dataset setup and the --recipe as real argparse defaults (set_defaults after a first pass
+    reads --dataset, --recipe and --method; bp: the parallel schedule); a second pass reads --lr, which the
+    backbone lr follows where the setup has none (minivoc). A flag the user typed always wins."""
     first, _ = get_args_parser(add_help=False).parse_known_args(argv)
     defaults = dict(SETUPS[first.dataset], **RECIPES[first.recipe])
     if first.method == "bp":
@@ -207,12 +200,9 @@ def parse_args(argv=None):
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"compile": False, "hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block",
-                   "predict": "velocity",
-                   "coupling": "index", "train_path": "line",
-                   "z0_std": 1.0, "z0_infer": "noise", "aux_loss": False,
-                   "final": False,
-                   "test_every_epoch": False}
+OLD_CHECKPOINTS = {"compile": False, "hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block", "predict": "velocity",
+                   "coupling": "index", "train_path": "line", "z0_std": 1.0, "z0_infer": "noise", "aux_loss": False,
+                   "final": False, "test_every_epoch": False}
 
 
 # ---- Evaluation: PASCAL VOC mAP, devkit rules ----------------------------------------------------
