@@ -1,8 +1,8 @@
 """DFM fine-tuning of a pretrained ViT with flow heads (paper Section 5.3, Table 2, D.2 "Pre-trained
 Fine-Tuning").
 
-Result (offline digits run, ViT-tiny from random init, 2-core CPU, seeds 0-1, 360 test images): fm
-ensemble 0.975 (0.972, 0.978; 619 s for seed 0), bp 0.990 (0.989, 0.992; 291 s), two jobs sharing the
+Result (offline digits run, ViT-tiny from random init, 2-core CPU, seeds 0-2, 360 test images): fm
+ensemble 0.970 (0.961-0.978; 619 s for seed 0), bp 0.987 (0.981-0.992; 291 s), two jobs sharing the
 cores; peak step memory fm 66.8 MiB, bp 103.3 MiB at T = 4.
     python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained [--method bp]
 
