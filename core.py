@@ -13,8 +13,9 @@ Symbols follow the paper (Sections 3 and A):
 
 The method: time embedding, the two flow-head types, the class targets with their collapse guard,
 time sampling, path and local loss, the block-wise backward (backbone + one head in memory, whatever
-T is), and single-step / ensemble / multi-step inference. The plumbing, under its labels: seeded
-noise and data helpers, checkpoints and resume, the process group, the saved-activation meter and the
+T is), single-step / ensemble / multi-step inference, and flow-map heads (SGFlow). Then, under their
+labels: the classification step and evaluation the three classification scripts share, seeded noise,
+data and weights helpers, checkpoints and resume, the process group, the saved-activation meter and the
 epoch engine `train_one_epoch`. Core takes modules, tensors and keyword arguments; it never reads the
 command line, prints or exits: each script's main() does that.
 """

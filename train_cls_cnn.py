@@ -124,7 +124,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="run.pt", help="checkpoint path; the JSON-lines log goes beside it")
     p.add_argument("--resume", action="store_true", help="continue from --out")
-    p.add_argument("--init", default=None, metavar="RUN", help="start from the weights of a run of this model (core.start_from_run)")
+    p.add_argument("--init", default=None, metavar="RUN", help="start from the weights of a run of this model")
     p.add_argument("--final", action="store_true", help="train on train + validation; no val_ metrics")
     p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
