@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -71,7 +72,8 @@ def get_args_parser():
     p.add_argument("--speed-T", default=None, help="--speed: comma-separated T values (default: each setup's own)")
     p.add_argument("--speed-setups", default=None,
                    help="--speed: only these, e.g. train_cls_cnn.py:cifar10,train_det_voc.py:voc2007")
-    p.add_argument("--speed-steps", type=int, default=3, help="--speed: timed steps per row (after 2 warm-up steps)")
+    p.add_argument("--speed-steps", type=int, default=5,
+                   help="--speed: timed steps of fm and of bp, alternating, after 2 warm-up steps each")
     return p
 
 
@@ -558,49 +560,55 @@ def timed_noise():
     return seconds, lambda: [setattr(core, name, fn) for name, fn in originals.items()]
 
 
-def speed_row(script, dataset, method, T, bs, extra, device, steps):
-    """Training images/s of one setup: a random batch on the device and the script's own train_step,
-    gradient clipping and AdamW step, 2 warm-up steps then `steps` timed ones. host_share: the share of
-    the step spent generating per-sample noise (core.train_noise / uniforms), the host-side work."""
+def speed_pair(script, dataset, T, bs, extra, device, steps):
+    """Training images/s of fm and bp on one setup: a random batch on the device and the script's own
+    train_step, gradient clipping and AdamW step (fused on CUDA, as the scripts), 2 warm-up steps each,
+    then `steps` timed steps of each, fm and bp alternating so that both see the same machine load;
+    img/s from the median step time. host_share: the share of fm's step spent generating per-sample
+    noise (core.train_noise / uniforms), the host-side work. Returns {method: row}."""
     module = importlib.import_module(script[:-3])
-    argv = ["--dataset", dataset, "--method", method] + (["--T", str(T)] if T else []) + extra
-    if script in ("train_det_voc.py", "finetune_vit.py"):
-        argv.append("--no-pretrained")  # random data: the weights do not matter, and nothing is downloaded
-    margs = module.parse_args(argv)
-    x, y, classes = fake_batch(module, margs, bs, device)
-    params = inspect.signature(module.build_model).parameters
-    torch.manual_seed(0)
-    model = module.build_model(margs, classes, *([x.shape[1]] if "in_ch" in params else [])).to(device).train()
-    if getattr(margs, "channels_last", False):
-        model = model.to(memory_format=torch.channels_last)
-    if getattr(margs, "compile", False):
-        core.compile_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    heads = list(range(margs.T))
-    batch = (x, y, torch.arange(bs))
+    runs = {}
+    for method in ("fm", "bp"):
+        argv = ["--dataset", dataset, "--method", method] + (["--T", str(T)] if T else []) + extra
+        if script in ("train_det_voc.py", "finetune_vit.py"):
+            argv.append("--no-pretrained")  # random data: the weights do not matter, and nothing is downloaded
+        margs = module.parse_args(argv)
+        x, y, classes = fake_batch(module, margs, bs, device)
+        params = inspect.signature(module.build_model).parameters
+        torch.manual_seed(0)
+        model = module.build_model(margs, classes, *([x.shape[1]] if "in_ch" in params else [])).to(device).train()
+        if getattr(margs, "channels_last", False):
+            model = model.to(memory_format=torch.channels_last)
+        if getattr(margs, "compile", False):
+            core.compile_model(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        runs[method] = (margs, model, optimizer, (x, y, torch.arange(bs)), [], [0.0])
 
-    def step(i):
-        optimizer.zero_grad(set_to_none=True)
-        module.train_step(model, None, batch, heads, (0, 0, i), margs, device)
-        core.clip_and_step(optimizer, model.parameters(), 1.0)
-    for i in range(2):
-        step(i)
-    noise, undo = timed_noise()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    try:
-        for i in range(steps):
-            step(2 + i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    finally:
-        undo()
-    seconds = time.perf_counter() - start
-    return {"script": script, "setup": dataset, "method": method, "T": margs.T, "batch": bs,
-            "amp": bool(getattr(margs, "amp", False)), "compile": bool(getattr(margs, "compile", False)),
-            "channels_last": bool(getattr(margs, "channels_last", False)), "device": str(device),
-            "img_per_s": bs * steps / seconds, "host_share": noise[0] / seconds}
+    def step(method, i):
+        margs, model, optimizer, batch, times, noise = runs[method]
+        seconds, undo = timed_noise()
+        start = time.perf_counter()
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            module.train_step(model, None, batch, list(range(margs.T)), (0, 0, i), margs, device)
+            core.clip_and_step(optimizer, model.parameters(), 1.0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            undo()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+            noise[0] += seconds[0]
+    for i in range(2 + steps):
+        for method in runs:
+            step(method, i)
+    rows = {}
+    for method, (margs, _, _, _, times, noise) in runs.items():
+        rows[method] = {"script": script, "setup": dataset, "method": method, "T": margs.T, "batch": bs,
+                        "amp": bool(getattr(margs, "amp", False)), "compile": bool(getattr(margs, "compile", False)),
+                        "channels_last": bool(getattr(margs, "channels_last", False)), "device": str(device),
+                        "img_per_s": bs / statistics.median(times), "host_share": noise[0] / sum(times)}
+    return rows
 
 
 def mode_speed(args, extra, device):
@@ -617,7 +625,7 @@ def mode_speed(args, extra, device):
             bs = importlib.import_module(script[:-3]).parse_args(["--dataset", dataset]).bs
         Ts = [int(t) for t in args.speed_T.split(",")] if args.speed_T else [None]
         for T in Ts:
-            pair = {m: speed_row(script, dataset, m, T, bs, extra, device, args.speed_steps) for m in ("fm", "bp")}
+            pair = speed_pair(script, dataset, T, bs, extra, device, args.speed_steps)
             for row in pair.values():
                 row["fm_over_bp"] = pair["fm"]["img_per_s"] / pair["bp"]["img_per_s"]
                 rows.append(row)

@@ -191,11 +191,12 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
     return mse, z1_hat
 
 
-def sample_tu(head, T, span, draws, diag=0.25):
-    """(t, u), t <= u, per sample for flow-map head k = `head` from U[0, 1) draws [n, 3]: t = u (the diagonal, where
-    the SGFlow loss is flow matching) with probability `diag`, else the two draws sorted (SGFlow's Theorem 1 needs
-    both with positive probability). span 'global': in [0, 1]; 'local': head k's interval [k/T, (k+1)/T]."""
+def sample_tu(head, T, span, draws, diag=0.25, dist="uniform"):
+    """(t, u), t <= u, per sample for flow-map head k = `head` from U[0, 1) draws [n, 3]: t = u (where SGFlow is flow
+    matching) with probability `diag`, else the two draws sorted (its Theorem 1 needs both), t under `sample_t`'s
+    law `dist` ('early' squares it). span 'global': in [0, 1]; 'local': head k's interval [k/T, (k+1)/T]."""
     lo, hi = draws[:, :2].min(1).values, draws[:, :2].max(1).values
+    lo = {"uniform": lo, "early": lo * lo, "zero": torch.zeros_like(lo)}[dist]
     hi = torch.where(draws[:, 2] < diag, lo, hi)
     return ((head + lo) / T, (head + hi) / T) if span == "local" else (lo, hi)
 
@@ -488,8 +489,8 @@ def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False,
     """One training batch of a classifier, no optimiser step; returns the losses to log. x [B, ...], y [B],
     index [B] (dataset indices keying the noise; with noise_key = (seed, epoch, pass) from the engine).
     FlowClassifier: the backbone once, then `blockwise_backward` over `heads`, head k's local loss (eq. 19;
-    `map_loss` for flow maps, (t, u) from `sample_tu` with `diag`) on its own draws from `train_noise`
-    (fresh ones when index or noise_key is None), then the detached probe. Any other model (bp):
+    `map_loss` for flow maps, (t, u) from `sample_tu` with `diag` and `t_dist`) on its own draws from
+    `train_noise` (fresh ones when index or noise_key is None), then the detached probe. Any other model (bp):
     cross-entropy and one joint backward. forward: the DDP wrapper (`distribute`) or None."""
     device = x.device
     with autocast(device, amp):
@@ -507,7 +508,7 @@ def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False,
                 train_noise(index, (*noise_key, k), (model.dim,), device)
             if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
                 key = None if noise_key is None else (*noise_key, k, 1)
-                t, u = sample_tu(k, model.T, model.span, uniforms(index, key, 3, len(y), device), diag)
+                t, u = sample_tu(k, model.T, model.span, uniforms(index, key, 3, len(y), device), diag, t_dist)
                 return model.map_loss(k, f, y, z0, t, u, lam)
             t = sample_t(len(y), k, model.T, time_split, device, t_dist, u)
             return model.head_loss(k, f, y, z0, t, lam, sigma_min, mse)
@@ -531,7 +532,7 @@ def autocast(device, enabled):
 
 
 def _mix32(x):
-    """Wellons' lowbias32 integer hash on int64 tensors holding uint32 values."""
+    """Wellons' lowbias32 integer hash (a bijection of uint32) on Python ints or int64 tensors."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & 0xFFFFFFFF
     x = x ^ (x >> 15)
@@ -539,36 +540,44 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def counter_normal(indices, key, n, device="cpu"):
-    """N(0, 1) draws [B, n], a function of (key, dataset index, element) only, computed on `device` for the
-    whole batch at once: a counter-based hash of the three gives two uniforms per pair of draws, and
-    Box-Muller turns them into normals. indices [B] ints; key: a tuple of ints."""
+NOISE_TABLE, NOISE_WINDOW = 1 << 24, 1 << 18  # `table_normal`: 2^24 start offsets, rows of up to 2^18 draws
+_noise_tables = {}  # device -> the table
+
+
+def table_normal(indices, key, n, device="cpu"):
+    """N(0, 1) draws [B, n], a function of (key, dataset index) only, for the whole batch in one gather on
+    `device`: the shared noise table of evolution strategies (Salimans et al. 2017). One table of
+    2^24 + 2^18 N(0, 1) draws per device (65 MiB, made once from a fixed seed); a sample's row is the
+    window of n consecutive entries at offset (a * index + b) mod 2^24, with odd a and b hashed from the
+    key: for one key, distinct indices (< 2^24) start at distinct offsets, and rows whose windows overlap
+    are shifted copies, uncorrelated. indices [B] ints; key: a tuple of ints; n <= 2^18."""
+    if n > NOISE_WINDOW:
+        raise ValueError(f"table_normal draws at most {NOISE_WINDOW} numbers per sample, not {n}")
+    device = torch.device(device)
+    if device not in _noise_tables:
+        gen = torch.Generator().manual_seed(0x5EED)
+        _noise_tables[device] = torch.randn(NOISE_TABLE + NOISE_WINDOW, generator=gen).to(device)
     h = 0x811C9DC5
-    for k in key:  # the key folded into 32 bits, on the host (a few integer operations)
-        h = _mix32(torch.tensor((h ^ int(k)) & 0xFFFFFFFF, dtype=torch.int64)).item()
-    seed = _mix32(torch.as_tensor(indices, device=device).to(torch.int64).view(-1, 1) & 0xFFFFFFFF ^ h)  # [B, 1]
-    pairs = torch.arange((n + 1) // 2, device=device, dtype=torch.int64).view(1, -1)
-    u1 = ((_mix32(seed ^ _mix32(2 * pairs)) >> 8).float() + 0.5) / 2 ** 24  # in (0, 1)
-    angle = (_mix32(seed ^ _mix32(2 * pairs + 1)) >> 8).float() * (2 * math.pi / 2 ** 24)
-    radius = torch.sqrt(-2 * torch.log(u1))
-    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], 1)[:, :n]
+    for k in key:  # the key folded into 32 bits (Python integers: no device work)
+        h = _mix32((h ^ int(k)) & 0xFFFFFFFF)
+    a, b = _mix32(h ^ 0x9E3779B9) | 1, _mix32(h)
+    offsets = (torch.as_tensor(indices, device=device).to(torch.int64) * a + b) % NOISE_TABLE
+    return _noise_tables[device].as_strided((NOISE_TABLE, n), (1, 1)).index_select(0, offsets)
 
 
 def noise_for(indices, shape, seed=0, device="cpu", kind="auto"):
     """Evaluation z0 [B, *shape], seeded by each sample's dataset index (indices [B]): evaluation does
     not depend on the batch size or on how the data is sharded. kind 'host': a generator reseeded per
-    sample on the host (the stream every CPU result in this repository was measured with); 'device': the
-    vectorised `counter_normal` on the device; 'auto' (default): device on CUDA, host elsewhere. On this
-    project's 2-core CPU the host loop takes 5.2 ms for 512 x 513 draws and the eager counter hash
-    3.4 ms, not enough to move the CPU's stream; on a GPU the loop's per-sample host work and copy
-    would rival the step itself."""
+    sample on the host (the stream every CPU result in this repository was measured with); 'device':
+    `table_normal`, one gather on the device; 'auto' (default): device on CUDA, host elsewhere (on a GPU
+    the loop's per-sample host work and copy would rival the step itself; on CPU it keeps the stream)."""
     if kind == "host" or (kind == "auto" and torch.device(device).type != "cuda"):  # the original stream
         gen, out = torch.Generator(), torch.empty((len(indices), *shape))
         for row, idx in enumerate(indices.tolist()):
             gen.manual_seed(seed * 1_000_003 + int(idx))
             out[row] = torch.randn(shape, generator=gen)
         return out.to(device)
-    return counter_normal(indices, (seed, 0x5EED), math.prod(shape), device).view(len(indices), *shape)
+    return table_normal(indices, (seed, 0x5EED), math.prod(shape), device).view(len(indices), *shape)
 
 
 def train_noise(indices, key, shape, device="cpu", kind="auto"):
@@ -583,7 +592,7 @@ def train_noise(indices, key, shape, device="cpu", kind="auto"):
             z0[row] = torch.randn(shape, generator=gen)
             u[row] = torch.rand((), generator=gen)
         return z0.to(device), u.to(device)
-    z = counter_normal(indices, key, math.prod(shape) + 1, device)
+    z = table_normal(indices, key, math.prod(shape) + 1, device)
     return z[:, :-1].reshape(len(z), *shape), torch.special.ndtr(z[:, -1])
 
 

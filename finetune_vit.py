@@ -73,7 +73,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
-                   help="t in training: U[0,1] (paper), u^2 (more weight near t=0) or 0")
+                   help="t (flowmap: start t) in training: U[0,1] (paper), u^2 (more near 0), or 0")
     p.add_argument("--diag", type=float, default=0.25, help="flowmap: share of (t, u) draws with t = u (flow matching)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the CE on the t = 1 estimate (paper 1)")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE reduction over latent dims")
@@ -317,7 +317,8 @@ def main(args):
     backbone = list(model.backbone.parameters())
     ids = {id(p) for p in backbone}
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
-                                   {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd)
+                                   {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd,
+                                  fused=device.type == "cuda")  # one kernel for the whole update on a GPU
     passes = core.head_schedule(args.T, args.method == "fm" and args.mode == "sequential")
     steps = core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)

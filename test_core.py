@@ -1659,10 +1659,15 @@ def test_device_noise_is_per_sample_batch_and_split_independent_and_normal():
     part, upart = core.train_noise(idx[100:300], (0, 1, 0, 2), (33,), kind="device")  # another batch / process
     assert torch.equal(z[100:300], part) and torch.equal(u[100:300], upart)
     assert not torch.equal(z, core.train_noise(idx, (0, 1, 0, 3), (33,), kind="device")[0])  # the key matters
-    big = core.counter_normal(torch.arange(4000), (7,), 64)  # 256,000 draws
+    big = core.table_normal(torch.arange(4000), (7,), 64)  # 256,000 draws
     assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01 and abs((big ** 4).mean() - 3) < 0.05
     corr = torch.corrcoef(big)  # 4000 samples: no two rows alike
     assert corr[~torch.eye(len(corr), dtype=torch.bool)].abs().max() < 0.75
+    other = core.table_normal(torch.arange(4000), (8,), 64)  # another key: another draw for every sample
+    assert torch.corrcoef(torch.stack([big.flatten(), other.flatten()]))[0, 1].abs() < 0.01
+    assert len(torch.unique(core.table_normal(torch.arange(200_000), (7,), 2), dim=0)) == 200_000  # distinct offsets
+    with pytest.raises(ValueError, match="at most"):
+        core.table_normal(torch.arange(2), (7,), core.NOISE_WINDOW + 1)
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.05
     e1, e2 = core.noise_for(idx, (4, 3), 5, kind="device"), core.noise_for(idx[:7], (4, 3), 5, kind="device")
     assert e1.shape == (512, 4, 3) and torch.equal(e1[:7], e2)
@@ -1741,3 +1746,9 @@ def test_map_times_put_the_asked_share_on_the_diagonal_and_keep_t_below_u():
         assert (t <= u).all() and abs((t == u).float().mean() - diag) < 0.03
     t, u = core.sample_tu(2, 4, "local", draws)  # head 2 of 4 owns [0.5, 0.75]
     assert (0.5 <= t).all() and (u <= 0.75).all() and (t <= u).all()
+    # --t-dist early: the start time t is the smaller draw squared (mean 1/6 instead of 1/3); u keeps its law
+    t_early, u_early = core.sample_tu(0, 4, "global", draws, 0.0, "early")
+    assert torch.allclose(t_early, draws[:, :2].min(1).values ** 2)
+    assert (t_early <= u_early).all() and abs(t_early.mean() - 1 / 6) < 0.02 and abs(u_early.mean() - 2 / 3) < 0.02
+    t, u = core.sample_tu(0, 4, "global", draws, 1.0, "early")  # on the diagonal both are the early time
+    assert torch.equal(t, u) and abs(t.mean() - 1 / 6) < 0.02

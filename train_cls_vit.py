@@ -76,7 +76,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
-                   help="t in training: U[0,1] (paper), u^2 (more near t = 0), or 0 (core.sample_t)")
+                   help="t (flowmap: start t) in training: U[0,1] (paper), u^2 (more near 0), or 0 (core.sample_t)")
     p.add_argument("--diag", type=float, default=0.25, help="flowmap: share of (t, u) draws with t = u (flow matching)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the anchor cross-entropy (paper: 1)")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE: mean (A.1.1) or sum over d (Alg. 1)")
@@ -322,7 +322,7 @@ def main(args):
         args.workers = 0  # in-memory tensors: worker processes only add start-up time
     loaders = {name: torch.utils.data.DataLoader(core.shard(data), 512, shuffle=False, num_workers=args.workers)
                for name, data in (("val", val_set), ("test", test_set)) if data is not None}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd, fused=device.type == "cuda")
     passes = core.head_schedule(args.T, args.method == "fm" and args.mode == "sequential")
     steps = core.steps_per_pass(train_set, args.bs, args.seed, args.max_steps) * len(passes)
     scheduler = core.warmup_cosine(optimizer, args.warmup * steps, args.epochs * steps)
