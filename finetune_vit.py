@@ -2,8 +2,9 @@
 Fine-Tuning").
 
 Result (offline digits run, ViT-tiny from random init, 2-core CPU, seeds 0-2, 360 test images): fm
-ensemble 0.970 (0.961-0.978; 619 s for seed 0), bp 0.987 (0.981-0.992; 291 s), two jobs sharing the
-cores; peak step memory fm 66.8 MiB, bp 103.3 MiB at T = 4.
+ensemble 0.970 (0.961-0.978; 619 s for seed 0), flow maps (--objective flowmap) one step 0.968
+(0.967-0.969; 1,441 s), bp 0.987 (0.981-0.992; 291 s), two jobs sharing the cores; peak step memory
+fm 66.8 MiB, flow maps 102.5 MiB, bp 103.3 MiB at T = 4.
     python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained [--method bp]
 
 Setup (paper defaults): timm vit_base_patch16_224.augreg_in1k (ImageNet-1k only; the bare name would
@@ -24,8 +25,8 @@ random init, the backbone lr then defaults to the heads' (at 1e-6 a random backb
 and --img-size, --patch and --depth apply.
 
 digits (offline, not a paper setup) from random init: 16 px images, 4 px patches, 4 blocks, lr 1e-3
-(backbone too); fm trains with t ~ u^2 ('early') and lam 3 for 90 epochs, bp 30 epochs (both chosen on
-the validation split; the paper's uniform t and lam 1 reached 0.683 there). docs/research_notes.md.
+(backbone too); fm trains with t ~ u^2 ('early'; flow maps: their start time) and lam 3 for 90 epochs,
+bp 30 epochs (chosen on the validation split; the paper's uniform t and lam 1 reached 0.683 there).
 """
 import argparse
 import functools
