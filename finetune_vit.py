@@ -1,9 +1,9 @@
 """DFM fine-tuning of a pretrained ViT with flow heads (paper Section 5.3, Table 2, D.2 "Pre-trained
 Fine-Tuning").
 
-Result (offline digits run, ViT-tiny from random init, 2-core CPU, seeds 0-2, 360 test images): fm
-ensemble 0.970 (0.961-0.978; 619 s for seed 0), flow maps (--objective flowmap) one step 0.968
-(0.967-0.969; 1,441 s), bp 0.987 (0.981-0.992; 291 s), two jobs sharing the cores; peak step memory
+Result (offline digits run, ViT-tiny from random init, 2-core CPU, seeds 0-4, 360 test images): fm
+ensemble 0.972 (0.958-0.992; 619 s for seed 0), flow maps (--objective flowmap) one step 0.963
+(0.939-0.972; 1,441 s), bp 0.987 (0.981-0.992; 291 s), two jobs sharing the cores; peak step memory
 fm 66.8 MiB, flow maps 102.5 MiB, bp 103.3 MiB at T = 4.
     python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained [--method bp]
 
