@@ -582,7 +582,7 @@ def speed_pair(script, dataset, T, bs, extra, device, steps):
         if getattr(margs, "compile", False):
             core.compile_model(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        runs[method] = (margs, model, optimizer, (x, y, torch.arange(bs)), [], [0.0])
+        runs[method] = (margs, model, optimizer, (x, y, torch.arange(bs)), [], [])  # step and noise seconds
 
     def step(method, i):
         margs, model, optimizer, batch, times, noise = runs[method]
@@ -596,9 +596,9 @@ def speed_pair(script, dataset, T, bs, extra, device, steps):
                 torch.cuda.synchronize(device)
         finally:
             undo()
-        if i >= 2:
+        if i >= 2:  # after the warm-up steps
             times.append(time.perf_counter() - start)
-            noise[0] += seconds[0]
+            noise.append(seconds[0])
     for i in range(2 + steps):
         for method in runs:
             step(method, i)
@@ -607,7 +607,7 @@ def speed_pair(script, dataset, T, bs, extra, device, steps):
         rows[method] = {"script": script, "setup": dataset, "method": method, "T": margs.T, "batch": bs,
                         "amp": bool(getattr(margs, "amp", False)), "compile": bool(getattr(margs, "compile", False)),
                         "channels_last": bool(getattr(margs, "channels_last", False)), "device": str(device),
-                        "img_per_s": bs / statistics.median(times), "host_share": noise[0] / sum(times)}
+                        "img_per_s": bs / statistics.median(times), "host_share": sum(noise) / sum(times)}
     return rows
 
 

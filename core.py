@@ -196,7 +196,7 @@ def sample_tu(head, T, span, draws, diag=0.25, dist="uniform"):
     matching) with probability `diag`, else the two draws sorted (its Theorem 1 needs both), t under `sample_t`'s
     law `dist` ('early' squares it). span 'global': in [0, 1]; 'local': head k's interval [k/T, (k+1)/T]."""
     lo, hi = draws[:, :2].min(1).values, draws[:, :2].max(1).values
-    lo = {"uniform": lo, "early": lo * lo, "zero": torch.zeros_like(lo)}[dist]
+    lo = sample_t(len(lo), 0, 1, False, lo.device, dist, lo)  # the start time under the law
     hi = torch.where(draws[:, 2] < diag, lo, hi)
     return ((head + lo) / T, (head + hi) / T) if span == "local" else (lo, hi)
 
