@@ -28,6 +28,7 @@ import matplotlib.ticker
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import core
 
@@ -565,7 +566,10 @@ def speed_pair(script, dataset, T, bs, extra, device, steps):
     train_step, gradient clipping and AdamW step (fused on CUDA, as the scripts), 2 warm-up steps each,
     then `steps` timed steps of each, fm and bp alternating so that both see the same machine load;
     img/s from the median step time. host_share: the share of fm's step spent generating per-sample
-    noise (core.train_noise / uniforms), the host-side work. Returns {method: row}."""
+    noise (core.train_noise / uniforms), the host-side work. params_m: the model's parameters (millions);
+    gflop_per_img: one training step's matrix-product and convolution FLOPs per image, counted by
+    torch.utils.flop_counter on an untimed step (None with --compile or flow maps), so that a ratio of img/s can be read
+    against the ratio of work. Returns {method: row}."""
     module = importlib.import_module(script[:-3])
     runs = {}
     for method in ("fm", "bp"):
@@ -582,10 +586,20 @@ def speed_pair(script, dataset, T, bs, extra, device, steps):
         if getattr(margs, "compile", False):
             core.compile_model(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        runs[method] = (margs, model, optimizer, (x, y, torch.arange(bs)), [], [])  # step and noise seconds
+        batch = (x, y, torch.arange(bs))
+        flops = None
+        # the counter's module tracker cannot follow torch.func.jvp (flow maps) or compiled graphs
+        if not getattr(margs, "compile", False) and getattr(margs, "objective", "velocity") == "velocity":
+            with FlopCounterMode(display=False) as counter:
+                module.train_step(model, None, batch, list(range(margs.T)), (0, 0, 0), margs, device)
+            model.zero_grad(set_to_none=True)
+            flops = counter.get_total_flops()
+        info = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                "gflop_per_img": None if flops is None else flops / bs / 1e9}
+        runs[method] = (margs, model, optimizer, batch, [], [], info)  # step and noise seconds
 
     def step(method, i):
-        margs, model, optimizer, batch, times, noise = runs[method]
+        margs, model, optimizer, batch, times, noise, _ = runs[method]
         seconds, undo = timed_noise()
         start = time.perf_counter()
         try:
@@ -603,11 +617,11 @@ def speed_pair(script, dataset, T, bs, extra, device, steps):
         for method in runs:
             step(method, i)
     rows = {}
-    for method, (margs, _, _, _, times, noise) in runs.items():
+    for method, (margs, _, _, _, times, noise, info) in runs.items():
         rows[method] = {"script": script, "setup": dataset, "method": method, "T": margs.T, "batch": bs,
                         "amp": bool(getattr(margs, "amp", False)), "compile": bool(getattr(margs, "compile", False)),
                         "channels_last": bool(getattr(margs, "channels_last", False)), "device": str(device),
-                        "img_per_s": bs / statistics.median(times), "host_share": sum(noise) / sum(times)}
+                        "img_per_s": bs / statistics.median(times), "host_share": sum(noise) / sum(times), **info}
     return rows
 
 
@@ -626,12 +640,14 @@ def mode_speed(args, extra, device):
         Ts = [int(t) for t in args.speed_T.split(",")] if args.speed_T else [None]
         for T in Ts:
             pair = speed_pair(script, dataset, T, bs, extra, device, args.speed_steps)
+            fm, bp = pair["fm"], pair["bp"]
             for row in pair.values():
-                row["fm_over_bp"] = pair["fm"]["img_per_s"] / pair["bp"]["img_per_s"]
+                row["fm_over_bp"] = fm["img_per_s"] / bp["img_per_s"]
                 rows.append(row)
-            print(f"speed  {script:17s} {dataset:12s} T={pair['fm']['T']:2d} bs={bs:3d}: fm {pair['fm']['img_per_s']:8.1f} "
-                  f"img/s (host {pair['fm']['host_share']:.1%})  bp {pair['bp']['img_per_s']:8.1f} img/s  "
-                  f"fm/bp {pair['fm']['fm_over_bp']:.2f}", flush=True)
+            work = "" if fm["gflop_per_img"] is None else f", FLOP {fm['gflop_per_img'] / bp['gflop_per_img']:.2f}x"
+            print(f"speed  {script:17s} {dataset:12s} T={fm['T']:2d} bs={bs:3d}: fm {fm['img_per_s']:8.1f} "
+                  f"img/s (host {fm['host_share']:.1%})  bp {bp['img_per_s']:8.1f} img/s  "
+                  f"fm/bp {fm['fm_over_bp']:.2f} (params {fm['params_m'] / bp['params_m']:.2f}x{work})", flush=True)
     fig, ax = plt.subplots(figsize=(10, 4))
     fm_rows = [r for r in rows if r["method"] == "fm"]
     ax.bar(range(len(fm_rows)), [r["fm_over_bp"] for r in fm_rows])

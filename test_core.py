@@ -1720,6 +1720,8 @@ def test_speed_benchmark_writes_a_row_per_method_with_the_ratio(tmp_path):
     for r in rows:
         assert r["img_per_s"] > 0 and 0 <= r["host_share"] < 1 and r["device"] == "cpu" and not r["amp"]
         assert r["fm_over_bp"] == rows[0]["img_per_s"] / rows[1]["img_per_s"]
+        assert r["params_m"] > 0 and r["gflop_per_img"] > 0
+    assert rows[0]["params_m"] > rows[1]["params_m"]  # T heads, each reading features and latent
     saved = json.load(open(tmp_path / "speed.json"))
     assert {"script", "setup", "method", "T", "batch", "amp", "device", "img_per_s", "host_share"} <= set(saved[0])
 
