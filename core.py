@@ -561,7 +561,8 @@ def table_normal(indices, key, n, device="cpu"):
     for k in key:  # the key folded into 32 bits (Python integers: no device work)
         h = _mix32((h ^ int(k)) & 0xFFFFFFFF)
     a, b = _mix32(h ^ 0x9E3779B9) | 1, _mix32(h)
-    offsets = (torch.as_tensor(indices, device=device).to(torch.int64) * a + b) % NOISE_TABLE
+    # a blocking host-to-device copy would synchronise the GPU once per head; the draws never wait on it
+    offsets = (torch.as_tensor(indices).to(device, non_blocking=True).to(torch.int64) * a + b) % NOISE_TABLE
     return _noise_tables[device].as_strided((NOISE_TABLE, n), (1, 1)).index_select(0, offsets)
 
 

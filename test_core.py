@@ -1675,6 +1675,40 @@ def test_device_noise_is_per_sample_batch_and_split_independent_and_normal():
     torch.testing.assert_close(core.train_noise(idx, (1,), (5,))[0], core.train_noise(idx, (1,), (5,), kind="host")[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (docs/gpu_check.sh runs it on a GPU)")
+def test_on_cuda_the_noise_is_the_cpu_table_and_a_training_step_synchronises_once():
+    import warnings
+    idx = torch.randperm(5000)[:64]
+    for kind in ("device", "auto"):  # 'auto' is the table on CUDA: the same draws as the CPU table
+        z, u = core.train_noise(idx, (0, 1, 0, 2), (33,), "cuda", kind=kind)
+        zc, uc = core.train_noise(idx, (0, 1, 0, 2), (33,), kind="device")
+        assert z.is_cuda and torch.equal(z.cpu(), zc)
+        torch.testing.assert_close(u.cpu(), uc)
+    device = torch.device("cuda")
+    for objective in ("velocity", "flowmap"):
+        args = parse(train_cls_cnn, ["--dataset", "digits", "--channels", "8,16,32", "--dim", "16", "--hidden", "32",
+                                     "--objective", objective])
+        model = train_cls_cnn.build_model(args, 10, 1).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+        batch = (torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16))
+
+        def step(i):
+            optimizer.zero_grad(set_to_none=True)
+            train_cls_cnn.train_step(model, None, batch, [0, 1, 2], (0, 0, i), args, device)
+            core.clip_and_step(optimizer, model.parameters())
+        step(0)  # the noise table and lazy CUDA state are made here
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step(1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+        assert len(syncs) == 1, (objective, syncs)  # the losses' one read-back in blockwise_backward
+
+
 def test_a_flow_step_reads_its_loss_values_back_once(monkeypatch):
     args = parse(train_cls_cnn, ["--dataset", "digits", "--channels", "8,16,32", "--dim", "16", "--hidden", "32"])
     model = train_cls_cnn.build_model(args, 10, 1)
