@@ -2,9 +2,9 @@
 Fine-Tuning").
 
 Result (offline digits run, ViT-tiny from random init, 2-core CPU, seeds 0-4, 360 test images): fm
-ensemble 0.972 (0.958-0.992; 619 s for seed 0), flow maps (--objective flowmap) one step 0.963
-(0.939-0.972; 1,441 s), bp 0.987 (0.981-0.992; 291 s), two jobs sharing the cores; peak step memory
-fm 66.8 MiB, flow maps 102.5 MiB, bp 103.3 MiB at T = 4.
+ensemble 0.972 (0.958-0.992; 619 s for seed 0), bp 0.987 (0.981-0.992; 291 s); over seeds 0-9 flow maps
+(--objective flowmap) one step 0.963 (0.939-0.972; 1,441 s) against fm's 0.973, two jobs sharing the
+cores; peak step memory fm 66.8 MiB, flow maps 102.5 MiB, bp 103.3 MiB at T = 4.
     python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained [--method bp]
 
 Setup (paper defaults): timm vit_base_patch16_224.augreg_in1k (ImageNet-1k only; the bare name would
