@@ -54,8 +54,8 @@ def get_args_parser():
     p.add_argument("--curves", action="store_true", help="training curves from the runs' JSON-lines logs")
     p.add_argument("--memory", action="store_true", help="peak step memory and time vs T, fm vs bp")
     p.add_argument("--speed", action="store_true",
-                   help="training images/s of fm and bp for every paper setup of every script (random data); "
-                        "extra flags (--amp, --compile, --channels-last) go to the scripts")
+                   help="training images/s of fm and bp for every paper setup of every script (random data), with "
+                        "parameters and FLOPs per image; extra flags (--amp, --compile, --channels-last) go to the scripts")
     # mode options
     p.add_argument("--probe-epochs", type=int, default=200, help="full-batch epochs of the probe")
     p.add_argument("--probe-lr", type=float, default=1e-2, help="probe learning rate")
