@@ -490,22 +490,26 @@ def fake_batch(module, margs, bs, device):
     return torch.randn(bs, in_ch, size, size, generator=g).to(device), torch.randint(0, 10, (bs,), generator=g).to(device), 10
 
 
+def random_setup(module, argv, bs, device):
+    """(args, model, x, y) for --memory and --speed: `module`'s flags from argv (with --no-pretrained where the
+    script loads weights and --weights is not given: random data, nothing downloaded), a random batch of bs on
+    `device`, and the script's model, seeded, in train mode."""
+    if module.__name__ in ("train_det_voc", "finetune_vit") and "--weights" not in argv:
+        argv = argv + ["--no-pretrained"]
+    margs = module.parse_args(argv)
+    x, y, classes = fake_batch(module, margs, bs, device)
+    in_ch = [x.shape[1]] if "in_ch" in inspect.signature(module.build_model).parameters else []
+    torch.manual_seed(0)
+    return margs, module.build_model(margs, classes, *in_ch).to(device).train(), x, y
+
+
 def mode_memory(args, extra, device):
     module = importlib.import_module(os.path.basename(args.script)[:-3])
     rows = []
     for method in ("fm", "bp"):
         for T in [int(t) for t in args.Ts.split(",")]:
-            argv = extra + ["--method", method, "--T", str(T), "--mode", "parallel"]
-            if module.__name__ == "train_det_voc" and "--weights" not in extra:
-                argv.append("--no-pretrained")
-            if module.__name__ == "finetune_vit" and "--weights" not in extra:
-                argv.append("--no-pretrained")
-            margs = module.parse_args(argv)
-            margs.amp = getattr(margs, "amp", False)
-            x, y, classes = fake_batch(module, margs, args.mem_bs, device)
-            params = inspect.signature(module.build_model).parameters
-            torch.manual_seed(0)
-            model = module.build_model(margs, classes, *([x.shape[1]] if "in_ch" in params else [])).to(device).train()
+            margs, model, x, y = random_setup(module, extra + ["--method", method, "--T", str(T), "--mode", "parallel"],
+                                              args.mem_bs, device)
             step = lambda m: module.train_step(m, None, (x, y, None), list(range(T)), None, margs, device)  # noqa: E731
             peak = core.measure_step_memory(step, model, device)
             step(model)  # warm-up, then time the median of three steps
@@ -568,19 +572,13 @@ def speed_pair(script, dataset, T, bs, extra, device, steps):
     img/s from the median step time. host_share: the share of fm's step spent generating per-sample
     noise (core.train_noise / uniforms), the host-side work. params_m: the model's parameters (millions);
     gflop_per_img: one training step's matrix-product and convolution FLOPs per image, counted by
-    torch.utils.flop_counter on an untimed step (None with --compile or flow maps), so that a ratio of img/s can be read
-    against the ratio of work. Returns {method: row}."""
+    torch.utils.flop_counter on an untimed step (None with --compile or flow maps), so that a ratio of
+    img/s can be read against the ratio of work. Returns {method: row}."""
     module = importlib.import_module(script[:-3])
     runs = {}
     for method in ("fm", "bp"):
-        argv = ["--dataset", dataset, "--method", method] + (["--T", str(T)] if T else []) + extra
-        if script in ("train_det_voc.py", "finetune_vit.py"):
-            argv.append("--no-pretrained")  # random data: the weights do not matter, and nothing is downloaded
-        margs = module.parse_args(argv)
-        x, y, classes = fake_batch(module, margs, bs, device)
-        params = inspect.signature(module.build_model).parameters
-        torch.manual_seed(0)
-        model = module.build_model(margs, classes, *([x.shape[1]] if "in_ch" in params else [])).to(device).train()
+        margs, model, x, y = random_setup(
+            module, ["--dataset", dataset, "--method", method] + (["--T", str(T)] if T else []) + extra, bs, device)
         if getattr(margs, "channels_last", False):
             model = model.to(memory_format=torch.channels_last)
         if getattr(margs, "compile", False):

@@ -10,6 +10,7 @@ import os
 import re
 import struct
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -1677,7 +1678,6 @@ def test_device_noise_is_per_sample_batch_and_split_independent_and_normal():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (docs/gpu_check.sh runs it on a GPU)")
 def test_on_cuda_the_noise_is_the_cpu_table_and_a_training_step_synchronises_once():
-    import warnings
     idx = torch.randperm(5000)[:64]
     for kind in ("device", "auto"):  # 'auto' is the table on CUDA: the same draws as the CPU table
         z, u = core.train_noise(idx, (0, 1, 0, 2), (33,), "cuda", kind=kind)
