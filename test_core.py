@@ -1495,6 +1495,7 @@ def test_the_exact_flow_map_gets_no_sgflow_update_and_a_perturbed_one_does(split
 
 
 def test_sgflow_jvp_terms_are_finite_difference_directional_derivatives():
+    torch.manual_seed(0)  # a fixed init: with time frequencies up to 1000 the central difference can be off by 1e-6
     head = core.MLPFlowHead(4, 3, hidden=8, blocks=1, dropout=0.0, maps=True).double()
     g = torch.Generator().manual_seed(0)
     feat, z0, z1 = (torch.randn(6, n, generator=g, dtype=torch.float64) for n in (4, 3, 3))
