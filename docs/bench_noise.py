@@ -16,8 +16,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 device = torch.device(parser.parse_args().device)
 torch.set_num_threads(1)
-idx = torch.randperm(50000)[:512].to(device)
-fns = {"host loop (old train_noise)": lambda key: core.train_noise(idx.cpu(), key, (512,), device, kind="host"),
+idx = torch.randperm(50000)[:512]  # on the host, as the loader hands dataset indices to train_noise
+fns = {"host loop (old train_noise)": lambda key: core.train_noise(idx, key, (512,), device, kind="host"),
        "device table (new)": lambda key: core.train_noise(idx, key, (512,), device, kind="device"),
        "torch.randn(512, 513), not per sample": lambda key: torch.randn(512, 513, device=device)}
 
