@@ -207,36 +207,69 @@ def flow_map(g, z, feat, t, u):
     return z + (u - t).view(-1, *([1] * (z.dim() - 1))) * g(z, feat, t, u)
 
 
-def sgflow_loss(g, feat, z0, z1, t, u, split=True):
+def exact_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm from primitive ops, for forward-mode AD: in torch <= 2.14 the backward through torch.func.jvp of
+    the fused kernel takes its saved mean and rstd as constants and is wrong (pytorch/pytorch#196700)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least, as autocast runs F.layer_norm
+    xc = x - x.mean(dims, keepdim=True)
+    y = xc * torch.rsqrt(xc.pow(2).mean(dims, keepdim=True) + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+class ExactNorms(torch.overrides.TorchFunctionMode):
+    """While active, every layer norm (nn.LayerNorm, timm's norms, a variant's own F.layer_norm) runs as
+    `exact_layer_norm`, and a norm over batch or instance statistics (training-mode batch_norm, instance_norm), whose
+    JVP backward is wrong too (#196699), raises: `sgflow_loss` forms its JVPs inside. group_norm, rms_norm, softmax,
+    GELU and explicit attention are exact as they are; velocity heads never enter this mode."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, torch.layer_norm):
+            return exact_layer_norm(*args, **kwargs)
+        if func in (F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm):
+            batch = func in (F.batch_norm, torch.batch_norm)  # all four take training / use_input_stats 6th
+            if args[5] if len(args) > 5 else kwargs.get("training" if batch else "use_input_stats", not batch):
+                raise ValueError("a flow-map head cannot normalise over batch or instance statistics (training-mode "
+                                 "BatchNorm, InstanceNorm): backward through torch.func.jvp of them is wrong in "
+                                 "torch; use LayerNorm, GroupNorm or RMSNorm")
+        return func(*args, **kwargs)
+
+
+def sgflow_loss(g, feat, z0, z1, t, u, split=True, v_hat=None):
     """SGFlow's loss (Key Designs 2-4) for a flow-map head g on the straight path X_t = (1 - t) z0 + t z1,
     Xdot = z1 - z0:  L_sg = || d_t f + (d_x f) Xdot ||^2 - || (d_x f)(Xdot - sg[g(X_t, t, t)]) ||^2,
     both terms Jacobian-vector products of f(., u, .) at (t, X_t) in the directions (1, Xdot) and
-    (0, Xdot - sg[g]), by forward-mode AD (torch.func.jvp over functional_call: no Jacobian, no model
-    inversion, no backprop through nested model calls); the usual backward then differentiates them.
+    (0, Xdot - sg[g]), by forward-mode AD (torch.func.jvp over functional_call, inside `ExactNorms`: no Jacobian,
+    no model inversion, no backprop through nested model calls); the usual backward then differentiates them.
     Squared norms are averaged over latent dims (the flow MSE's scale). split: even rows take the first
-    direction, odd the second, each weighted 2 (one JVP per sample); False: both for all. Returns (loss, X_t)."""
+    direction, odd the second, each term averaged over its own rows (one JVP per sample, unbiased for any batch
+    size; one sample takes both); False: both for all. v_hat [B, ...]: sg[g] when given (tests hold it fixed).
+    Returns (loss, X_t)."""
     xt, xdot = path(z0, z1, t)
-    with torch.no_grad():
-        v_hat = g(xt, feat, t, t)  # sg[g(t, t, X_t)]: the model's own velocity estimate
+    if v_hat is None:
+        with torch.no_grad():
+            v_hat = g(xt, feat, t, t)  # sg[g(t, t, X_t)]: the model's own velocity estimate
     params = dict(g.named_parameters()) if isinstance(g, nn.Module) else {}
 
     def f(tt, xx):
         call = (lambda *a: torch.func.functional_call(g, params, a)) if params else g
         return flow_map(call, xx, feat, tt, u)
-    first = torch.arange(len(t), device=t.device) % 2 == 0
-    if split:
-        t_in, points = t, xt
-        dt = first.to(t.dtype)
+    if split and len(t) > 1:
+        first = torch.arange(len(t), device=t.device) % 2 == 0
+        t_in, points, dt = t, xt, first.to(t.dtype)
         dx = torch.where(first.view(-1, *([1] * (xt.dim() - 1))), xdot, xdot - v_hat)
-        sign = torch.where(first, 2.0, -2.0)
     else:
         t_in, points, u = torch.cat([t, t]), torch.cat([xt, xt]), torch.cat([u, u])
         feat = torch.cat([feat, feat]) if feat is not None else None
         dt, dx = torch.cat([torch.ones_like(t), torch.zeros_like(t)]), torch.cat([xdot, xdot - v_hat])
-        sign = torch.cat([torch.ones_like(t), -torch.ones_like(t)])
-    _, d = torch.func.jvp(f, (t_in, points), (dt, dx))
+        first = torch.arange(2 * len(t), device=t.device) < len(t)
+    with ExactNorms():
+        _, d = torch.func.jvp(f, (t_in, points), (dt, dx))
     sq = d.to(torch.promote_types(d.dtype, torch.float32)).pow(2).flatten(1).mean(1)
-    return (sign * sq).sum() / len(t), xt
+    ones = first.to(sq.dtype)  # each term averaged over its own rows
+    return (sq * (ones / ones.sum() - (1 - ones) / (1 - ones).sum())).sum(), xt
 
 
 class FlowClassifier(nn.Module):
@@ -251,6 +284,10 @@ class FlowClassifier(nn.Module):
         # objective 'flowmap': the heads are flow maps g(z, feat, t, u) (SGFlow), covering [0, 1] each
         # (span 'global') or head k its own interval [k/T, (k+1)/T] ('local')
         self.objective, self.span = objective, span
+        if objective == "flowmap" and any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.InstanceNorm1d,
+                                                         nn.InstanceNorm2d, nn.InstanceNorm3d))
+                                          for m in self.heads.modules()):
+            raise ValueError("flow-map heads cannot hold BatchNorm or InstanceNorm (see ExactNorms); use LayerNorm")
         self.head_stage = list(head_stage) if head_stage is not None else [-1] * len(heads)
         self.embed = ClassEmbedding(num_classes, dim, guard)
         self.cls = nn.Linear(dim, num_classes, bias=False)  # W_cls (eqs. 16, 29)
