@@ -596,6 +596,11 @@ def build_resnet(name, weights_file=None, pretrained=True, stride=32):
     return nn.Sequential(*list(net.children())[:-2 - drop]), net.fc.in_features // 2 ** drop
 
 
+def at_least_fp32(x):
+    """x in fp32, or in its own dtype if wider (losses under bf16 autocast; float64 in the gradient tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def sine_encoding(xy, dim):
     """DETR's 2-D sine encoding of points xy [N, 2] (x, y in [0, 1]) -> [N, dim]: half the channels
     encode y, half x."""
@@ -673,7 +678,7 @@ class FlowDetector(nn.Module):
 
     def decode(self, z):
         """Class logits [B, M, C + 1] and sigmoid cxcywh boxes [B, M, 4] of any latent."""
-        return self.class_head(z).float(), self.box_head(z).float().sigmoid()
+        return at_least_fp32(self.class_head(z)), at_least_fp32(self.box_head(z)).sigmoid()
 
     def velocity(self, k, z, feats, t):
         """v_k(z_t, t). predict 'velocity': the block's output; 'refine': the block reads the guess
@@ -716,7 +721,7 @@ class DETRBaseline(nn.Module):
 
     def decode(self, h):
         h = self.norm(h)
-        return self.class_head(h).float(), self.box_head(h).float().sigmoid()
+        return at_least_fp32(self.class_head(h)), at_least_fp32(self.box_head(h)).sigmoid()
 
     def forward(self, x, every_layer=False):
         """(logits, boxes) of the last layer, or with every_layer a list of them after each layer
@@ -854,7 +859,7 @@ def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=
     by num_boxes: the number of ground-truth boxes in the batch, matched or not (an image with more
     objects than slots leaves some unmatched). None: the number of slots that hold an object.
     target_classes [B, M] (num_classes = no object), target_boxes [B, M, 4] cxcywh."""
-    weight = torch.ones(num_classes + 1, device=logits.device)
+    weight = torch.ones(num_classes + 1, device=logits.device, dtype=logits.dtype)
     weight[num_classes] = eos_coef
     ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
     held = target_classes != num_classes
@@ -916,7 +921,7 @@ def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
                                                classes, model.num_classes, z1, boxes)
     target = z1.detach() if model.guard else z1
     scale = 1.0 if model.predict != "velocity" else 1 / (1 - t)  # z1_hat - z1 = (1 - t)(v - u)
-    return ((z1_hat - target).float() * scale).pow(2).mean(), z1_hat, classes, boxes
+    return (at_least_fp32(z1_hat - target) * scale).pow(2).mean(), z1_hat, classes, boxes
 
 
 def block_loss(model, k, feats, targets, slots, args, z0, u=None, path=None):
