@@ -242,15 +242,16 @@ STEPS = (1, 2, 4, 8, 16)  # --inference: accuracy and time against the number of
 
 @torch.no_grad()
 def flow_accuracies(run, loader, seed, solver):
-    """Top-1 / top-k of every inference mode for one z0 draw (seed), and the seconds each step count took.
-    Velocity heads: each head's single step, the ensemble, Euler with T / 2T / 4T steps, the 2nd-order
-    solver, and Euler with n steps for n in STEPS; flow-map heads: each head's one-step map, the ensemble
-    and core.compose with n steps."""
+    """Top-1 / top-k of every inference mode for one z0 draw (seed), the seconds each step count took, and each
+    step count's drift: the mean over samples of ||z_n - z_1|| / ||z_1 - z0||, z_n the endpoint after n steps (0
+    for exact maps or a straight field: the semigroup holds). Velocity heads: each head's single step, the
+    ensemble, Euler with T / 2T / 4T steps, the 2nd-order solver, and Euler with n steps for n in STEPS; flow-map
+    heads: each head's one-step map, the ensemble and core.compose with n steps."""
     model, T, ks = run.model, run.model.T, (1, run.topk)
     maps = getattr(model, "objective", "velocity") == "flowmap"
     names = [f"head{k}" for k in range(T)] + ["ensemble"] + \
         ([] if maps else ["euler_T", "euler_2T", "euler_4T", f"{solver}_T"]) + [f"steps_{n}" for n in STEPS]
-    hits, seconds, n_seen = {name: [0, 0] for name in names}, {n: 0.0 for n in STEPS}, 0
+    hits, seconds, drift, n_seen = {name: [0, 0] for name in names}, {n: 0.0 for n in STEPS}, {n: 0.0 for n in STEPS}, 0
     for x, y, idx in loader:
         x, y = x.to(run.device), y.to(run.device)
         with torch.no_grad():
@@ -277,10 +278,12 @@ def flow_accuracies(run, loader, seed, solver):
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
             seconds[n] += time.perf_counter() - start
+            one = latents["steps_1"]
+            drift[n] += ((latents[f"steps_{n}"] - one).norm(dim=1) / (one - z0).norm(dim=1)).sum().item()
         for name, z in latents.items():
             hits[name] = [a + b for a, b in zip(hits[name], core.topk_correct(model.logits(z), y, ks))]
         n_seen += len(y)
-    return {name: [h / n_seen for h in v] for name, v in hits.items()}, seconds
+    return {name: [h / n_seen for h in v] for name, v in hits.items()}, seconds, {n: d / n_seen for n, d in drift.items()}
 
 
 def mode_inference(runs, args):
@@ -293,7 +296,7 @@ def mode_inference(runs, args):
         test = run.data()[1]
         loader = run.loader(test, args.bs, args.limit)
         results = [flow_accuracies(run, loader, seed, args.solver) for seed in range(args.noise_seeds)]
-        draws, times = [r[0] for r in results], [r[1] for r in results]
+        draws, times, drifts = [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
         objective = getattr(run.args, "objective", "velocity")
         for name in draws[0]:
             top1 = np.array([d[name][0] for d in draws])
@@ -303,12 +306,13 @@ def mode_inference(runs, args):
                    f"top{run.topk}_mean": float(topk.mean()), f"top{run.topk}_std": float(topk.std())}
             if name.startswith("steps_"):
                 row["seconds"] = float(np.mean([t[int(name[6:])] for t in times]))
+                row["drift"] = float(np.mean([d[int(name[6:])] for d in drifts]))
             rows.append(row)
         print(f"inference  {run.path} ({objective}, time_split={getattr(run.args, 'time_split', False)}, "
               f"{args.noise_seeds} z0 draws)")
         for r in rows:
             if r["ckpt"] == run.path:
-                extra = f"   {r['seconds']:.3f} s" if "seconds" in r else ""
+                extra = f"   {r['seconds']:.3f} s   drift {r['drift']:.3f}" if "seconds" in r else ""
                 print(f"  {r['mode']:>10}: top-1 {r['top1_mean']:.4f} +- {r['top1_std']:.4f}   "
                       f"top-{run.topk} {r[f'top{run.topk}_mean']:.4f}{extra}")
     fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 2]})

@@ -20,6 +20,7 @@ epoch engine `train_one_epoch`. Core takes modules, tensors and keyword argument
 command line, prints or exits: each script's main() does that.
 """
 import atexit
+import contextlib
 import copy
 import json
 import math
@@ -31,12 +32,18 @@ import time
 import warnings
 from fractions import Fraction
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: data_lock does not lock there
+    fcntl = None
+
 import numpy as np
 import timm.models.vision_transformer
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
@@ -678,6 +685,24 @@ class DataError(RuntimeError):
     """Data that is missing or unreadable; the message is one line naming the path and the fix."""
 
 
+@contextlib.contextmanager
+def data_lock(root):
+    """Hold an exclusive lock on the data folder `root` (created if absent) while a run reads, downloads or writes
+    there: independent processes started on one fresh --data (an fm and a bp run side by side) take turns, so
+    the later ones find the first one's dataset or cache whole and reuse it. torchrun's ranks also take turns
+    (rank 0 first, through a barrier). POSIX file lock (fcntl.flock) on root/.dfm.lock; without fcntl
+    (Windows) no lock."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".dfm.lock"), "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class TensorImages(torch.utils.data.Dataset):
     """In-memory images [N, C, H, W] in [0, 1] with labels; transform applied per item."""
 
@@ -693,20 +718,75 @@ class TensorImages(torch.utils.data.Dataset):
 
 def torchvision_sets(cls, name, root, train_tf, test_tf, hint, download=True):
     """(train, test) of a torchvision dataset with a `train=` flag (CIFAR, MNIST) under `root`, downloaded
-    when absent and `download` (online); DataError with one line ending in `hint` when neither works."""
+    when absent and `download` (online), holding `data_lock(root)`; DataError with one line naming the first
+    missing file (or the unreadable folder) and ending in `hint` when neither works."""
     sets = []
-    for split, tf in ((True, train_tf), (False, test_tf)):
-        try:
-            sets.append(cls(root, train=split, transform=tf, download=False))
-        except RuntimeError:
+    with data_lock(root):
+        for split, tf in ((True, train_tf), (False, test_tf)):
             try:
-                if not download:
-                    raise RuntimeError("offline")
-                sets.append(cls(root, train=split, transform=tf, download=True))
-            except Exception as e:
-                raise DataError(f"{name} not found under {os.path.abspath(root)} and not downloaded "
-                                f"({type(e).__name__}): {hint}") from None
+                sets.append(cls(root, train=split, transform=tf, download=False))
+            except Exception as first:  # absent, partly extracted or corrupt
+                try:
+                    if not download:
+                        raise first
+                    sets.append(cls(root, train=split, transform=tf, download=True))
+                except Exception as e:
+                    missing = next((f for f in expected_files(cls, root) if not os.path.isfile(f)), None)
+                    if missing:
+                        raise DataError(f"{name}: {missing} is missing and was not downloaded ({type(e).__name__}): "
+                                        f"{hint}") from None
+                    reason = f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
+                    raise DataError(f"{name}: torchvision cannot read the files under {os.path.abspath(root)} "
+                                    f"({reason}): {hint}") from None
+            if len(sets[-1]) == 0:
+                raise DataError(f"{name}: the {'train' if split else 'test'} set under {os.path.abspath(root)} holds "
+                                f"no image: {hint}")
     return sets
+
+
+def expected_files(cls, root):
+    """The files torchvision's MNIST-style or CIFAR-style dataset class reads under root."""
+    if hasattr(cls, "resources"):  # MNIST and its kin: raw/<name> unzipped
+        folder = os.path.join(os.path.abspath(root), cls.__name__, "raw")
+        return [os.path.join(folder, os.path.splitext(os.path.basename(url))[0]) for url, _ in cls.resources]
+    folder = os.path.join(os.path.abspath(root), cls.base_folder)
+    return [os.path.join(folder, f) for f, _ in cls.train_list + cls.test_list] + [os.path.join(folder, cls.meta["filename"])]
+
+
+def image_folder(folder, transform, name, hint):
+    """torchvision's ImageFolder over folder/<class>/*, images read by `load_image`; DataError with one line
+    when the folder is absent or a class folder holds no image."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{name}: {os.path.abspath(folder)} is missing: {hint}")
+    try:
+        return torchvision.datasets.ImageFolder(folder, transform, loader=load_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{name}: {os.path.abspath(folder)} holds no images ({str(e).splitlines()[0]}): {hint}") \
+            from None
+
+
+def tiny_imagenet(root, train_tf, test_tf, hint):
+    """TinyImageNet's (train, test) from root/tiny-imagenet-200: train/<wnid>/images/*.JPEG, and its val split
+    (val/images listed in val/val_annotations.txt) as the test set; DataError with one line for a missing
+    folder or list, an empty one, or a listed image that is absent."""
+    base = os.path.join(os.path.abspath(root), "tiny-imagenet-200")
+    train = image_folder(os.path.join(base, "train"), train_tf, "tinyimagenet", hint)
+    ann = os.path.join(base, "val", "val_annotations.txt")
+    if not os.path.isfile(ann):
+        raise DataError(f"tinyimagenet: {ann} is missing: {hint}")
+    test = copy.copy(train)
+    test.transform = test_tf
+    with open(ann) as f:
+        rows = [line.split("\t") for line in f]
+    test.samples = test.imgs = [(os.path.join(base, "val", "images", r[0]), train.class_to_idx[r[1]])
+                                for r in rows if len(r) >= 2 and r[1] in train.class_to_idx]
+    test.targets = [s[1] for s in test.samples]
+    if not test.samples:
+        raise DataError(f"tinyimagenet: {ann} lists no image of a class in {base}/train: {hint}")
+    missing = next((path for path, _ in test.samples if not os.path.isfile(path)), None)
+    if missing:
+        raise DataError(f"tinyimagenet: {missing} is listed in {ann} but absent: {hint}")
+    return train, test
 
 
 def load_image(path):

@@ -225,18 +225,10 @@ def read_dataset(name, root, train_tf, test_tf, download=True):
         train = core.TensorImages(xtr, ytr, train_tf)
         return train, core.with_transform(train, test_tf), core.TensorImages(xte, yte, test_tf), 10
     if name == "imagenet-r":
-        folder = os.path.join(root, "imagenet-r")
-        if not os.path.isdir(folder):
-            raise core.DataError(f"{name} not found at {os.path.abspath(folder)}: {DATA_HINTS[name]}")
-        try:
-            full = torchvision.datasets.ImageFolder(folder)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise core.DataError(f"{name} at {os.path.abspath(folder)} holds no images ({str(e).splitlines()[0]})") \
-                from None
-        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
-        cut = int(len(order) * 0.8)
-        train, test = (torchvision.datasets.ImageFolder(folder, tf, loader=core.load_image) for tf in (train_tf, test_tf))
-        return Subset(train, order[:cut]), Subset(test, order[:cut]), Subset(test, order[cut:]), len(full.classes)
+        train = core.image_folder(os.path.join(root, "imagenet-r"), train_tf, name, DATA_HINTS[name])
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+        cut, test = int(len(order) * 0.8), core.with_transform(train, test_tf)
+        return Subset(train, order[:cut]), Subset(test, order[:cut]), Subset(test, order[cut:]), len(train.classes)
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     train, test = core.torchvision_sets(cls, name, root, train_tf, test_tf, DATA_HINTS[name], download)
     return train, core.with_transform(train, test_tf), test, len(train.classes)

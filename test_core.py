@@ -1098,7 +1098,7 @@ def test_bad_input_gives_one_line_and_never_touches_a_good_checkpoint(tmp_path, 
     os.makedirs(empty / "imagenet-r")
     ft = TINY_FT + ["--no-pretrained", "--depth", "1", "--out", str(tmp_path / "ft.pt")]
     case(finetune_vit, ft[:1] + ["imagenet-r", "--data", str(empty)] + ft[2:], "holds no images")  # empty --data
-    case(finetune_vit, ft[:1] + ["imagenet-r", "--data", str(tmp_path / "none")] + ft[2:], "not found")
+    case(finetune_vit, ft[:1] + ["imagenet-r", "--data", str(tmp_path / "none")] + ft[2:], "imagenet-r is missing")
     broken = write_image_folder(tmp_path / "inr" / "imagenet-r", "a/3.png")
     case(finetune_vit, ft[:1] + ["imagenet-r", "--data", str(tmp_path / "inr"), "--workers", "1",
                                  "--max-steps", "4", "--bs", "2"] + ft[2:], "unreadable image", broken)
@@ -1409,6 +1409,7 @@ def test_detection_validation_comes_from_trainval_or_voc_val(tmp_path):
     names = (main / "trainval.txt").read_text().split()
     (main / "train.txt").write_text("\n".join(names[:12]) + "\n")
     (main / "val.txt").write_text("\n".join(names[12:]) + "\n")
+    os.remove(tmp_path / "VOCdevkit" / "VOC2007" / "MINIVOC")  # now it is read as VOC 2007
     args = det.parse_args(["--data", str(tmp_path), "--no-pretrained"])
     train, val, test, _ = det.build_data(args)
     assert len(train) == 12 and len(val) == 8 and not stems(train.dataset) & stems(val)
@@ -1997,3 +1998,152 @@ def test_detection_block_loss_gradients_equal_finite_differences(recipe):
     loss = lambda: det.block_loss(model, 1, [memory], targets, slots, args, z0, draw, path)  # noqa: E731
     shared = [model.class_head.weight, model.box_head.weight] + ([queries] if queries is not None else [])
     assert_gradients_match_differences(loss, [memory] + shared + list(model.heads[1].parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 27: every data folder that is not what the flags say gives one line; runs side by side on one --data
+# ------------------------------------------------------------------------------------------------
+def fake_voc2007(root):
+    """A VOC 2007 folder in the real layout (minivoc's canvases without its marker, trainval split into the
+    official train / val lists)."""
+    base = det.write_minivoc(str(root), n_train=6, n_test=3)
+    os.remove(os.path.join(base, "MINIVOC"))
+    main = os.path.join(base, "ImageSets", "Main")
+    ids = open(os.path.join(main, "trainval.txt")).read().split()
+    for name, part in (("train", ids[:4]), ("val", ids[4:])):
+        open(os.path.join(main, name + ".txt"), "w").write("\n".join(part) + "\n")
+    return base
+
+
+def test_bad_input_every_data_folder_that_is_not_what_the_flags_say(tmp_path, monkeypatch):
+    """The matrix of issue 27 for every dataset the scripts read: another dataset's folder, each required list,
+    folder or file missing in turn, an empty image set, a listed image that is absent. Each: one line naming
+    the path, a non-zero exit."""
+    import shutil
+    import torchvision.datasets.utils as tvu
+    monkeypatch.setattr(tvu, "download_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    messages = []
+
+    def case(module, argv, *expect):
+        message = exit_message(module, argv + ["--out", str(tmp_path / "never.pt")])
+        assert all(e in message for e in expect), message
+        assert not (tmp_path / "never.pt").exists()
+        messages.append(message)
+
+    def fresh(name):
+        folder = tmp_path / name
+        shutil.rmtree(folder, ignore_errors=True)
+        return folder
+
+    # VOC 2007 and minivoc
+    voc = lambda data: SMALL_DET[:1] + ["voc2007"] + SMALL_DET[2:] + ["--data", str(data)]  # noqa: E731
+    mini = lambda data: SMALL_DET + ["--data", str(data)]  # noqa: E731
+    base = det.write_minivoc(str(fresh("mini")), n_train=6, n_test=3)
+    case(det, voc(tmp_path / "mini"), base, "holds minivoc", "--dataset minivoc")  # the quickstart's folder
+    base = fake_voc2007(fresh("voc"))
+    case(det, mini(tmp_path / "voc"), base, "another dataset")
+    for listing in ("train", "val", "test"):
+        base = fake_voc2007(fresh("voc"))
+        os.remove(os.path.join(base, "ImageSets", "Main", listing + ".txt"))
+        case(det, voc(tmp_path / "voc"), f"ImageSets/Main/{listing}.txt is missing", "VOCtrainval_06-Nov-2007.tar")
+    for folder, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
+        base = fake_voc2007(fresh("voc"))
+        shutil.rmtree(os.path.join(base, folder))
+        case(det, voc(tmp_path / "voc"), f"{folder}/000000{ext} is listed in", "but absent")
+    base = fake_voc2007(fresh("voc"))
+    open(os.path.join(base, "ImageSets", "Main", "val.txt"), "w").write("\n")
+    case(det, voc(tmp_path / "voc"), "val.txt lists no image")
+    base = fake_voc2007(fresh("voc"))
+    os.remove(os.path.join(base, "JPEGImages", "000007.jpg"))  # a test image
+    case(det, voc(tmp_path / "voc"), "JPEGImages/000007.jpg is listed in", "test.txt but absent")
+    base = det.write_minivoc(str(fresh("mini")), n_train=6, n_test=3)
+    os.remove(os.path.join(base, "ImageSets", "Main", "test.txt"))
+    case(det, mini(tmp_path / "mini"), "test.txt is missing", f"delete {base}")
+    os.remove(os.path.join(base, "Annotations", "000002.xml"))
+    open(os.path.join(base, "ImageSets", "Main", "test.txt"), "w").write("000006\n")
+    case(det, mini(tmp_path / "mini"), "Annotations/000002.xml is listed in", "trainval.txt but absent")
+
+    # MNIST and CIFAR (torchvision's files)
+    mnist = lambda data: ["--dataset", "mnist", "--data", str(data), "--channels", "8,16,32", "--dim", "16",  # noqa: E731
+                          "--hidden", "32", "--epochs", "1"]
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    for missing in names:
+        raw = fresh("mnist") / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name in names:
+            if name != missing:
+                write_idx(raw / name, np.zeros((4, 28, 28)) if "images" in name else np.zeros(4))
+        case(train_cls_cnn, mnist(tmp_path / "mnist"), str(raw / missing) + " is missing", "MNIST/raw")
+    for name in names:
+        write_idx(raw / name, np.zeros((0, 28, 28)) if "images" in name else np.zeros(0))
+    case(train_cls_cnn, mnist(tmp_path / "mnist"), "torchvision cannot read the files under")  # empty image set
+    (raw / names[0]).write_bytes(b"\0\0\x08\x03")  # truncated
+    case(train_cls_cnn, mnist(tmp_path / "mnist"), "torchvision cannot read the files under")
+    for dataset, folder, first in (("cifar10", "cifar-10-batches-py", "data_batch_1"), ("cifar100", "cifar-100-python", "train")):
+        case(train_cls_vit, SMALL_VIT[:1] + [dataset] + SMALL_VIT[2:] + ["--data", str(tmp_path / "mnist")],
+             f"{folder}/{first} is missing")  # MNIST's folder where CIFAR is expected
+
+    # TinyImageNet and ImageNet-R (image folders)
+    def tiny(broken=None):
+        base = fresh("tiny") / "tiny-imagenet-200"
+        write_image_folder(base / "train", "a/0.png")
+        os.makedirs(base / "val" / "images")
+        (base / "val" / "val_annotations.txt").write_text("v0.png\ta\t0\t0\t5\t5\nv1.png\tb\t0\t0\t5\t5\n")
+        for name in ("v0.png", "v1.png"):
+            shutil.copy(base / "train" / "b" / "1.png", base / "val" / "images" / name)
+        return base
+    tiny_args = SMALL_CNN[:1] + ["tinyimagenet"] + SMALL_CNN[2:] + ["--data", str(tmp_path / "tiny")]
+    base = tiny()
+    shutil.rmtree(base / "train")
+    case(train_cls_cnn, tiny_args, f"{base}/train is missing", "tiny-imagenet-200.zip")
+    base = tiny()
+    os.remove(base / "val" / "val_annotations.txt")
+    case(train_cls_cnn, tiny_args, "val_annotations.txt is missing")
+    base = tiny()
+    (base / "val" / "val_annotations.txt").write_text("")
+    case(train_cls_vit, SMALL_VIT[:1] + ["tinyimagenet"] + SMALL_VIT[2:] + ["--data", str(tmp_path / "tiny")],
+         "val_annotations.txt lists no image")
+    base = tiny()
+    os.remove(base / "val" / "images" / "v1.png")
+    case(train_cls_cnn, tiny_args, "val/images/v1.png is listed in", "but absent")
+    base = tiny()
+    shutil.rmtree(base / "train" / "b")
+    os.makedirs(base / "train" / "b")
+    case(train_cls_cnn, tiny_args, f"{base}/train holds no images")
+    ft = ["--dataset", "imagenet-r"] + TINY_FT[2:] + ["--no-pretrained", "--depth", "1"]
+    case(finetune_vit, ft + ["--data", str(fresh("inr"))], "imagenet-r is missing", "imagenet-r.tar")
+    write_image_folder(tmp_path / "inr" / "imagenet-r", "a/0.png")
+    shutil.rmtree(tmp_path / "inr" / "imagenet-r" / "a")
+    os.makedirs(tmp_path / "inr" / "imagenet-r" / "a")
+    case(finetune_vit, ft + ["--data", str(tmp_path / "inr")], "imagenet-r holds no images")
+    print("\n".join(messages))
+
+
+def test_two_runs_started_together_on_an_empty_data_folder_both_finish(tmp_path):
+    """fm and bp started side by side on one fresh --data: the later waits on core.data_lock while the first
+    writes minivoc, then reads it; nothing half-written is left behind. (Before the lock the second run
+    stopped with 'holds another dataset'.)"""
+    import subprocess
+    data = str(tmp_path / "data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    runs = [subprocess.Popen([sys.executable, "train_det_voc.py"] + SMALL_DET + ["--method", method, "--data", data,
+                                                                               "--out", str(tmp_path / f"{method}.pt")],
+                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for method in ("fm", "bp")]
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-2000:]
+    assert sorted(os.listdir(os.path.join(data, "VOCdevkit"))) == ["VOC2007"]  # no partial folder left
+    assert open(os.path.join(data, "VOCdevkit", "VOC2007", "MINIVOC")).read().strip() == det.MINIVOC_VERSION
+
+
+def test_tiny_trunk_pretraining_does_not_depend_on_the_thread_count(tmp_path):
+    threads = torch.get_num_threads()
+    states = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        det.pretrain_tiny(str(tmp_path / f"t{n}.pth"), stride=8, samples=512, epochs=1, size=16, bs=64)
+        states.append(torch.load(tmp_path / f"t{n}.pth", weights_only=True))
+        assert torch.get_num_threads() == n  # the caller's count is restored
+    torch.set_num_threads(threads)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -168,18 +168,8 @@ def read_dataset(name, root, train_tf, test_tf, download=True):
         (xtr, ytr), (xte, yte) = core.digits_split()
         train = core.TensorImages(xtr, ytr, train_tf)
         return train, core.with_transform(train, test_tf), core.TensorImages(xte, yte, test_tf), 10
-    if name == "tinyimagenet":  # train/<wnid>/images/*.JPEG; its val split (val_annotations.txt) is the test set
-        base = os.path.join(root, "tiny-imagenet-200")
-        ann = os.path.join(base, "val", "val_annotations.txt")
-        if not (os.path.isdir(os.path.join(base, "train")) and os.path.isfile(ann)):
-            raise core.DataError(f"tinyimagenet not found under {os.path.abspath(base)}: {DATA_HINTS[name]}")
-        train, test = (torchvision.datasets.ImageFolder(os.path.join(base, "train"), tf, loader=core.load_image)
-                       for tf in (train_tf, test_tf))
-        with open(ann) as f:
-            rows = [line.split("\t") for line in f]
-        test.samples = test.imgs = [(os.path.join(base, "val", "images", r[0]), train.class_to_idx[r[1]])
-                                    for r in rows if len(r) >= 2 and r[1] in train.class_to_idx]
-        test.targets = [s[1] for s in test.samples]
+    if name == "tinyimagenet":
+        train, test = core.tiny_imagenet(root, train_tf, test_tf, DATA_HINTS[name])
         return train, core.with_transform(train, test_tf), test, len(train.classes)
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "mnist": torchvision.datasets.MNIST}[name]

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -320,13 +321,17 @@ def write_minivoc(root, n_train=960, n_test=240, seed=0):
     records the version; a VOC2007 folder without it (real VOC, an older minivoc) is never touched:
     core.DataError instead. (Version 1, used for the first README measurements, had 64-160 px
     canvases, 1-6 digits of 12-48 px and 480 / 120 images: at 64 px input many digits were ~5 px.)"""
-    base = os.path.join(root, "VOCdevkit", "VOC2007")
-    marker = os.path.join(base, "MINIVOC")
+    final = os.path.join(root, "VOCdevkit", "VOC2007")
+    marker = os.path.join(final, "MINIVOC")
     if os.path.isfile(marker) and open(marker).read().strip() == MINIVOC_VERSION:
-        return base
-    if os.path.exists(os.path.join(base, "ImageSets")):
-        raise core.DataError(f"{os.path.abspath(base)} holds another dataset than {MINIVOC_VERSION!r} (real VOC or "
+        return final
+    if os.path.exists(final):
+        raise core.DataError(f"{os.path.abspath(final)} holds another dataset than {MINIVOC_VERSION!r} (real VOC or "
                              f"an older minivoc); pass another --data, or delete it to have minivoc written there")
+    # written into a private folder and renamed into place whole: a reader never sees half of it (main() also
+    # holds core.data_lock, so a second run on the same --data waits and then reuses it)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    base = tempfile.mkdtemp(prefix=".VOC2007-partial-", dir=os.path.dirname(final))
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -372,9 +377,35 @@ def write_minivoc(root, n_train=960, n_test=240, seed=0):
             ids.append(name)
         with open(os.path.join(base, "ImageSets", "Main", split + ".txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
-    with open(marker, "w") as f:
+    with open(os.path.join(base, "MINIVOC"), "w") as f:
         f.write(MINIVOC_VERSION + "\n")
-    return base
+    os.rename(base, final)
+    return final
+
+
+def check_voc_folder(root, image_set, minivoc):
+    """core.DataError with one line naming the path and the fix when root/VOCdevkit/VOC2007 is not the dataset
+    the flags ask for (minivoc where VOC 2007 is expected), lacks the image set's list (a partly extracted
+    VOC), lists no image, or lists an image or annotation that is absent."""
+    base = os.path.join(os.path.abspath(root), "VOCdevkit", "VOC2007")
+    hint = (f"delete {base} to have minivoc written again" if minivoc else
+            f"extract VOCtrainval_06-Nov-2007.tar (train, val, trainval) and VOCtest_06-Nov-2007.tar (test) under "
+            f"{os.path.abspath(root)}")
+    if not minivoc and os.path.isfile(os.path.join(base, "MINIVOC")):
+        raise core.DataError(f"{base} holds minivoc (written by --dataset minivoc), not VOC 2007: add --dataset "
+                             f"minivoc, or pass --data DIR with VOC 2007 in DIR/VOCdevkit/VOC2007")
+    listing = os.path.join(base, "ImageSets", "Main", image_set + ".txt")
+    if not os.path.isfile(listing):
+        raise core.DataError(f"{listing} is missing (a partly extracted dataset?): {hint}")
+    with open(listing) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise core.DataError(f"{listing} lists no image: {hint}")
+    for name in ids:
+        for folder, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
+            if not os.path.isfile(os.path.join(base, folder, name + ext)):
+                raise core.DataError(f"{os.path.join(base, folder, name + ext)} is listed in {listing} but absent: "
+                                     f"{hint}")
 
 
 class VOCData(torch.utils.data.Dataset):
@@ -487,6 +518,9 @@ def build_data(args):
     test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
     download = args.dataset == "voc2007"
     final = args.final
+    if args.dataset == "minivoc" or os.path.isdir(os.path.join(args.data, "VOCdevkit", "VOC2007")):
+        for image_set in ("trainval", "test") if final or args.dataset == "minivoc" else ("train", "val", "test"):
+            check_voc_folder(args.data, image_set, args.dataset == "minivoc")
     if final or args.dataset == "voc2007":
         train = VOCData(args.data, "trainval" if final else "train", classes, train_tf, download)
         val = None if final else VOCData(args.data, "val", classes, test_tf, download)
@@ -520,8 +554,9 @@ def pretrain_tiny(path, stride, samples=24000, epochs=8, size=32, bs=128, lr=2e-
     digits of the digits *train* split (minivoc's test canvases use the held-out digits, never seen
     here), each pasted at size / 4 to 7 size / 8 px (8-28 px) onto a size x size canvas with
     minivoc's noise and strokes. `samples` canvases, `epochs` epochs, AdamW with a one-cycle lr; the
-    trunk's state dict is saved atomically to `path` (the classifier is dropped). Seeded, and isolated
-    from the caller's RNG. Returns the accuracy on 2000 fresh canvases of the train digits."""
+    trunk's state dict is saved atomically to `path` (the classifier is dropped). Seeded, isolated from the
+    caller's RNG, and trained on one thread whatever the caller's count, so every machine with the same torch
+    build and CPU kind gets the same trunk. Returns the accuracy on 2000 fresh canvases of the train digits."""
     (images, labels), _ = core.digits_split()
     rng = np.random.default_rng(seed)
 
@@ -538,8 +573,10 @@ def pretrain_tiny(path, stride, samples=24000, epochs=8, size=32, bs=128, lr=2e-
 
     x, y = render(samples)
     x_val, y_val = render(2000)
+    threads = torch.get_num_threads()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        torch.set_num_threads(1)  # a multi-threaded conv sums in another order: the trunk would depend on the machine
         trunk, channels = build_tiny(stride)
         net = nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
         optimizer = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
@@ -558,6 +595,7 @@ def pretrain_tiny(path, stride, samples=24000, epochs=8, size=32, bs=128, lr=2e-
         net.eval()
         with torch.no_grad():
             accuracy = (net(x_val).argmax(1) == y_val).float().mean().item()
+        torch.set_num_threads(threads)
     core.save_checkpoint(trunk.state_dict(), path)
     return accuracy
 
@@ -1094,9 +1132,7 @@ def main(args):
     core.seed_everything(args.seed)
     check_flags(args)
     try:
-        train_set, val_set, test_set, classes = main_first(lambda: build_data(args))  # written / downloaded once
-        if args.backbone == "tiny" and not (args.weights or args.no_pretrained):
-            args.weights = main_first(lambda: tiny_weights(args))  # pretrained once, like a download
+        train_set, val_set, test_set, classes = main_first(prepare_data, args)  # written / downloaded once
         model = build_model(args, len(classes)).to(device)
         overflow = sum(len(train_set.dataset.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
     except (core.DataError, core.WeightsError) as e:
@@ -1132,18 +1168,29 @@ def main(args):
                schedule_per_step=False, collate_fn=collate)
 
 
-def main_first(fn):
-    """fn() on rank 0, then on the other processes: what downloads or writes files (VOC, minivoc, the tiny
-    trunk's pretraining) does it once; if rank 0 fails the others still pass the barrier and meet the error."""
+def prepare_data(args):
+    """build_data, and the digits-pretrained tiny trunk where --backbone tiny needs it (into args.weights), holding
+    --data's lock: what writes files under --data (minivoc, VOC's download, the trunk) does it once, and a run
+    started beside another on the same fresh --data waits for it, then reuses what it wrote."""
+    with core.data_lock(args.data):
+        data = build_data(args)
+        if args.backbone == "tiny" and not (args.weights or args.no_pretrained):
+            args.weights = tiny_weights(args)
+    return data
+
+
+def main_first(fn, *args):
+    """fn(*args) on rank 0, then on the other processes (each takes --data's lock in turn, never across the
+    barrier); if rank 0 fails the others still pass the barrier and meet the error."""
     if core.world_size() == 1:
-        return fn()
+        return fn(*args)
     if core.is_main():
         try:
-            return fn()
+            return fn(*args)
         finally:
             torch.distributed.barrier()
     torch.distributed.barrier()
-    return fn()
+    return fn(*args)
 
 
 # ---- The run: resume, epochs, evaluation, log, checkpoint (the same text in every script) --------
