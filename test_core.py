@@ -939,6 +939,30 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "one.pt", "two.jsonl", "two.pt"]
 
 
+@pytest.mark.parametrize("method", ["fm", "bp"])
+def test_detection_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, method):
+    """The set loss divides by the batch's box count and CE weight averaged over processes (loss_normalisers),
+    so with the backbone's BatchNorm frozen (--frozen-bn; trained BatchNorm sees per-process batches) two
+    processes at batch 2 compute the gradient of one process at batch 4. Compared through AdamW's first moment
+    after one step (0.1 x the gradient; the weights would hide it, AdamW's first step is lr x sign). Seed 2:
+    the two halves of the first batch hold 2 and 8 boxes, where per-process normalisers were off by up to 160%."""
+    data = ["--data", str(tmp_path / "data"), "--frozen-bn", "--dropout", "0", "--mode", "parallel", "--method", method,
+            "--max-steps", "1", "--seed", "2"]
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    single = run_cli(["train_det_voc.py"] + SMALL_DET + data + ["--bs", "4", "--out", one])
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = run_cli(["train_det_voc.py"] + SMALL_DET + data + ["--bs", "2", "--out", two], nproc=2)
+    assert double.returncode == 0, double.stderr[-2000:]
+    assert "batch 2 per process x 2 process(es) = 4 global" in double.stdout
+    first, second = (core.load_checkpoint(path)["optimizer"]["state"] for path in (one, two))
+    assert first.keys() == second.keys()
+    for key in first:
+        a, b = first[key]["exp_avg"], second[key]["exp_avg"]
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-12, key
+    (r1,), (r2,) = records(one), records(two)
+    assert r2["replica_max_diff"] == 0.0
+
+
 @pytest.mark.parametrize("script,argv", [
     ("train_cls_cnn.py", SMALL_CNN + ["--T", "2", "--epochs", "1", "--max-steps", "2", "--mode", "sequential"]),
     ("finetune_vit.py", TINY_FT + ["--no-pretrained", "--img-size", "16", "--patch", "4", "--depth", "1", "--T", "2"]),

@@ -119,6 +119,10 @@ def get_args_parser(add_help=True):
     arch.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
     arch.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "tiny"],
                       help="torchvision ResNet, or tiny: a small CNN from random init for CPU runs")
+    arch.add_argument("--frozen-bn", action="store_true",
+                      help="the backbone's BatchNorm frozen at its weights' statistics (DETR's FrozenBatchNorm2d; for "
+                           "small per-process batches, and under torchrun N processes at batch b then train exactly as "
+                           "one at N b); default: trained on each batch, as the measured recipes")
     arch.add_argument("--stride", type=int, default=None, choices=[8, 16, 32],
                       help="memory from layer4 (32, paper), layer3 (16) or layer2 (8); minivoc default 8")
     arch.add_argument("--dim", type=int, default=128, help="d: memory and slot width")
@@ -203,7 +207,7 @@ RESUME_MATCH = ("dataset", "method", "final") + tuple(
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
 OLD_CHECKPOINTS = {"compile": False, "hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block", "predict": "velocity",
                    "coupling": "index", "train_path": "line", "z0_std": 1.0, "z0_infer": "noise", "aux_loss": False,
-                   "final": False, "test_every_epoch": False}
+                   "final": False, "test_every_epoch": False, "frozen_bn": False}
 
 
 # ---- Evaluation: PASCAL VOC mAP, devkit rules ----------------------------------------------------
@@ -634,6 +638,19 @@ def build_resnet(name, weights_file=None, pretrained=True, stride=32):
     return nn.Sequential(*list(net.children())[:-2 - drop]), net.fc.in_features // 2 ** drop
 
 
+def freeze_batchnorm(module):
+    """Replace every BatchNorm2d in `module` by torchvision's FrozenBatchNorm2d with the same affine weights and
+    running statistics (DETR's backbone): fixed buffers, nothing trained, the same output in train and eval."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = torchvision.ops.FrozenBatchNorm2d(child.num_features, child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+
+
 def at_least_fp32(x):
     """x in fp32, or in its own dtype if wider (losses under bf16 autocast; float64 in the gradient tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -657,9 +674,11 @@ def sine_position(h, w, dim, device):
 class ImageMemory(nn.Module):
     """ResNet trunk -> 1x1 conv to d -> [B, HW, d] memory with the sine position added."""
 
-    def __init__(self, name, dim, weights_file=None, pretrained=True, stride=32):
+    def __init__(self, name, dim, weights_file=None, pretrained=True, stride=32, frozen_bn=False):
         super().__init__()
         self.trunk, channels = build_resnet(name, weights_file, pretrained, stride)
+        if frozen_bn:
+            freeze_batchnorm(self.trunk)
         self.proj = nn.Conv2d(channels, dim, 1)
 
     def forward(self, x):
@@ -776,7 +795,7 @@ class DETRBaseline(nn.Module):
 
 def build_model(args, num_classes):
     """The model of this script for `args` (analyze.py rebuilds checkpoints through this)."""
-    memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained, args.stride)
+    memory = ImageMemory(args.backbone, args.dim, args.weights, not args.no_pretrained, args.stride, args.frozen_bn)
     if args.method == "bp":
         return DETRBaseline(memory, num_classes, args.dim, args.slots, args.nheads, args.ffn, args.dropout, args.T)
     blocks = [FlowBlock(args.dim, args.slots, args.nheads, args.ffn, args.dropout, own_query=args.queries == "block")
@@ -891,15 +910,18 @@ def hungarian_match(logits, boxes, targets):
     return hungarian(match_costs(logits, boxes, [t["labels"] for t in targets], [t["boxes_norm"] for t in targets]))
 
 
-def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=0.1, num_boxes=None):
+def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=0.1, norms=None):
     """DETR's loss once every slot has its target: CE over all slots (no-object weighted 0.1), L1 x 5
     and GIoU x 2 summed over the slots that hold an object and divided, as DETR's SetCriterion does,
     by num_boxes: the number of ground-truth boxes in the batch, matched or not (an image with more
-    objects than slots leaves some unmatched). None: the number of slots that hold an object.
+    objects than slots leaves some unmatched). norms: (num_boxes, CE weight) from `loss_normalisers`; None:
+    the number of slots that hold an object, and the CE's own weighted mean over the slots.
     target_classes [B, M] (num_classes = no object), target_boxes [B, M, 4] cxcywh."""
+    num_boxes, ce_weight = norms or (None, None)
     weight = torch.ones(num_classes + 1, device=logits.device, dtype=logits.dtype)
     weight[num_classes] = eos_coef
-    ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+    ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight) if ce_weight is None else \
+        F.cross_entropy(logits.transpose(1, 2), target_classes, weight, reduction="sum") / ce_weight
     held = target_classes != num_classes
     src, tgt = boxes[held], target_boxes[held]
     if len(tgt) == 0:
@@ -911,12 +933,21 @@ def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=
     return ce + 5 * l1 + 2 * giou
 
 
-def num_boxes(targets):
-    """Ground-truth boxes in the batch, DETR's normaliser of the box losses."""
-    return sum(len(t["labels"]) for t in targets)
+def loss_normalisers(targets, slots, eos_coef=0.1):
+    """(num_boxes, CE weight) of `set_loss`: the ground-truth boxes of the batch (DETR's normaliser of the box
+    losses), and, under torchrun, the CE's weight sum (objects 1, no-object eos_coef; each image fills
+    min(objects, slots) slots), both averaged over processes. With the gradients averaged over processes, N
+    processes at batch b then train on what one process sees at N b (DETR all-reduces num_boxes; its CE keeps a
+    per-process mean). One all-reduce per step, from train_step; one process: (count, None)."""
+    count = sum(len(t["labels"]) for t in targets)
+    if core.world_size() == 1:
+        return count, None
+    held = sum(min(len(t["labels"]), slots) for t in targets)
+    total = core.all_sum([count, held + eos_coef * (len(targets) * slots - held)])
+    return total[0] / core.world_size(), total[1] / core.world_size()
 
 
-def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
+def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1, norms=None):
     """DETR set loss: Hungarian matching of the slots to every ground-truth object (with more objects
     than slots, the matching picks which M), then set_loss normalised by all boxes of the batch."""
     target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
@@ -924,7 +955,8 @@ def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1):
     for i, (rows, cols) in enumerate(hungarian_match(logits, boxes, targets)):
         target_classes[i, rows] = targets[i]["labels"].to(logits.device)[cols]
         target_boxes[i, rows] = targets[i]["boxes_norm"].to(boxes.device)[cols]
-    return set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef, num_boxes(targets))
+    return set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef,
+                    norms or loss_normalisers(targets, logits.shape[1], eos_coef))
 
 
 @torch.no_grad()
@@ -962,7 +994,7 @@ def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
     return (at_least_fp32(z1_hat - target) * scale).pow(2).mean(), z1_hat, classes, boxes
 
 
-def block_loss(model, k, feats, targets, slots, args, z0, u=None, path=None):
+def block_loss(model, k, feats, targets, slots, args, z0, u=None, path=None, norms=None):
     """Loss of flow block k: flow_weight x flow MSE + detection loss on the decoded z1_hat.
     slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch. z0 [B, M, d]: the
     block's noise (model.noise), u [B] its U[0, 1) draw of t (fresh when None). path: with --train-path
@@ -988,8 +1020,8 @@ def block_loss(model, k, feats, targets, slots, args, z0, u=None, path=None):
     # (and every other coupling) takes the Hungarian loss over all objects
     if euler and args.coupling == "match" and not overflow:
         return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes,
-                                                 num_boxes=num_boxes(targets))
-    return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes)
+                                                 norms=norms or loss_normalisers(targets, args.slots))
+    return args.flow_weight * mse + detection_loss(logits, pred_boxes, targets, model.num_classes, norms=norms)
 
 
 # ---- Inference and evaluation --------------------------------------------------------------------
@@ -1077,10 +1109,12 @@ def train_step(model, forward, batch, blocks, noise_key, args, device):
     forward: the DDP wrapper of the backbone (fm) or model (bp) under torchrun, else None."""
     x, targets, index = batch
     x = x.to(device, non_blocking=True)
+    norms = loss_normalisers(targets, args.slots)  # the set loss's normalisers, over all processes
     with core.autocast(device, args.amp):
         if args.method == "bp":
             outs = (forward or model)(x, every_layer=True) if args.aux_loss else [(forward or model)(x)]
-            loss = sum(detection_loss(logits, boxes, targets, model.num_classes) for logits, boxes in outs)
+            loss = sum(detection_loss(logits, boxes, targets, model.num_classes, norms=norms)
+                       for logits, boxes in outs)
             value = loss.item()
             if not math.isfinite(value):
                 raise core.NonFiniteLoss("bp", value)
@@ -1097,7 +1131,8 @@ def train_step(model, forward, batch, blocks, noise_key, args, device):
         path = euler_states(model, feats, noise(0)[0], max(blocks)) if args.train_path == "euler" else None
 
         def loss(k, f):
-            return block_loss(model, k, f, targets, slots, args, *((path[0], None) if path else noise(k)), path=path)
+            return block_loss(model, k, f, targets, slots, args, *((path[0], None) if path else noise(k)), path=path,
+                              norms=norms)
         losses = core.blockwise_backward(feats, blocks, loss, all_features=forward is not None)
     return {"loss": sum(losses.values()) / len(losses), **{f"loss_b{k}": v for k, v in losses.items()}}
 
