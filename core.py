@@ -313,14 +313,15 @@ class FlowClassifier(nn.Module):
                                          z0=z0, t=t)
         return mse + lam * F.cross_entropy(self.logits(z1_hat), y)
 
-    def map_loss(self, k, feats, y, z0, t, u, lam=1.0, split=True):
+    def map_loss(self, k, feats, y, z0, t, u, lam=1.0, split=True, sg_features=True):
         """The flow-map head's local loss: SGFlow's L_sg on the path to z1 = W_embed[y] (through the guard's
         stop-gradient) + lam * CE(W_cls^T z1_hat, y) on the endpoint estimate z1_hat = f(t, 1, X_t).
-        z0 [B, d] (fresh N(0, I) when None), (t, u) [B] from `sample_tu`."""
+        z0 [B, d] (fresh N(0, I) when None), (t, u) [B] from `sample_tu`. sg_features False: L_sg reads the
+        features through a stop-gradient (the backbone learns from the anchor only; see the fine-tuning notes)."""
         g, feat, z1 = self.heads[k], feats[self.head_stage[k]], self.embed(y)
         z0 = torch.randn_like(z1) if z0 is None else z0
         z1_flow = z1.detach() if self.embed.guard else z1
-        sg, xt = sgflow_loss(g, feat, z0, z1_flow, t, u, split)
+        sg, xt = sgflow_loss(g, feat if sg_features or feat is None else feat.detach(), z0, z1_flow, t, u, split)
         end = torch.full_like(t, float(k + 1) / self.T if self.span == "local" else 1.0)
         z1_hat = flow_map(g, xt, feat, t, end)
         if self.span == "local":  # the map reaches the end of the head's interval; on to t = 1 by one Euler step
@@ -529,7 +530,7 @@ def classification_summary(record):
 
 
 def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False, lam=1.0, diag=0.25,
-                    time_split=False, t_dist="uniform", sigma_min=0.0, mse="mean"):
+                    time_split=False, t_dist="uniform", sigma_min=0.0, mse="mean", sg_features=True):
     """One training batch of a classifier, no optimiser step; returns the losses to log. x [B, ...], y [B],
     index [B] (dataset indices keying the noise; with noise_key = (seed, epoch, pass) from the engine).
     FlowClassifier: the backbone once, then `blockwise_backward` over `heads`, head k's local loss (eq. 19;
@@ -553,7 +554,7 @@ def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False,
             if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
                 key = None if noise_key is None else (*noise_key, k, 1)
                 t, u = sample_tu(k, model.T, model.span, uniforms(index, key, 3, len(y), device), diag, t_dist)
-                return model.map_loss(k, f, y, z0, t, u, lam)
+                return model.map_loss(k, f, y, z0, t, u, lam, sg_features=sg_features)
             t = sample_t(len(y), k, model.T, time_split, device, t_dist, u)
             return model.head_loss(k, f, y, z0, t, lam, sigma_min, mse)
         losses = blockwise_backward(feats, heads, head_loss, all_features=forward is not None)

@@ -2171,3 +2171,20 @@ def test_tiny_trunk_pretraining_does_not_depend_on_the_thread_count(tmp_path):
         assert torch.get_num_threads() == n  # the caller's count is restored
     torch.set_num_threads(threads)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_sgflow_features_through_a_stop_gradient_change_only_the_feature_gradient():
+    """--sg-features detach: L_sg reads the features through a stop-gradient; the head's gradient is unchanged
+    and the features' gradient is the anchor's alone."""
+    model, feat = oracle_classifier("token", maps=True)
+    y = torch.tensor([0, 3, 1, 4, 3])
+    z0, t, u = map_draws(1, model.T, "global", False)
+    head = list(model.heads[1].parameters())
+    trained = torch.autograd.grad(model.map_loss(1, [feat], y, z0, t, u), [feat] + head)
+    detached = torch.autograd.grad(model.map_loss(1, [feat], y, z0, t, u, sg_features=False), [feat] + head)
+    for a, b in zip(trained[1:], detached[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    anchor = torch.autograd.grad(model.map_loss(1, [feat], y, z0, t, u, lam=1.0) -
+                                 core.sgflow_loss(model.heads[1], feat, z0, model.embed(y).detach(), t, u)[0], feat)[0]
+    torch.testing.assert_close(detached[0], anchor, rtol=1e-10, atol=1e-12)
+    assert (trained[0] - detached[0]).abs().max() > 1e-6  # the SGFlow term does reach the features by default

@@ -78,6 +78,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
                    help="t (flowmap: start t) in training: U[0,1] (paper), u^2 (more near 0), or 0 (core.sample_t)")
     p.add_argument("--diag", type=float, default=0.25, help="flowmap: share of (t, u) draws with t = u (flow matching)")
+    p.add_argument("--sg-features", default="train", choices=["train", "detach"],
+                   help="flowmap: SGFlow's term trains the backbone too, or reads its features through a stop-gradient")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the anchor cross-entropy (paper: 1)")
     p.add_argument("--mse", default="mean", choices=["mean", "sum"], help="flow MSE: mean (A.1.1) or sum over d (Alg. 1)")
     # model: a --resume must match these (and --dataset, --method, --final): RESUME_MATCH
@@ -142,7 +144,8 @@ RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
 # flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
 OLD_CHECKPOINTS = {"diag": 0.25, "compile": False, "objective": "velocity", "span": "global", "final": False,
-                   "test_every_epoch": False}
+                   "test_every_epoch": False,
+                   "sg_features": "train"}
 
 
 # ---- Data ----------------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return core.classifier_step(model, forward, x, y, index, heads, noise_key, amp=args.amp, lam=args.lam,
                                 diag=args.diag, time_split=args.time_split, t_dist=args.t_dist,
-                                sigma_min=args.sigma_min, mse=args.mse)
+                                sigma_min=args.sigma_min, mse=args.mse, sg_features=args.sg_features == "train")
 
 
 summary = core.classification_summary  # the per-epoch line
