@@ -291,9 +291,8 @@ class FlowClassifier(nn.Module):
         # objective 'flowmap': the heads are flow maps g(z, feat, t, u) (SGFlow), covering [0, 1] each
         # (span 'global') or head k its own interval [k/T, (k+1)/T] ('local')
         self.objective, self.span = objective, span
-        if objective == "flowmap" and any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.InstanceNorm1d,
-                                                         nn.InstanceNorm2d, nn.InstanceNorm3d))
-                                          for m in self.heads.modules()):
+        norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)  # JVP backward wrong
+        if objective == "flowmap" and any(isinstance(m, norms) for m in self.heads.modules()):
             raise ValueError("flow-map heads cannot hold BatchNorm or InstanceNorm (see ExactNorms); use LayerNorm")
         self.head_stage = list(head_stage) if head_stage is not None else [-1] * len(heads)
         self.embed = ClassEmbedding(num_classes, dim, guard)
