@@ -2188,3 +2188,24 @@ def test_sgflow_features_through_a_stop_gradient_change_only_the_feature_gradien
                                  core.sgflow_loss(model.heads[1], feat, z0, model.embed(y).detach(), t, u)[0], feat)[0]
     torch.testing.assert_close(detached[0], anchor, rtol=1e-10, atol=1e-12)
     assert (trained[0] - detached[0]).abs().max() > 1e-6  # the SGFlow term does reach the features by default
+
+
+def test_set_loss_with_process_averaged_normalisers_is_the_same_loss_on_one_process():
+    """The torchrun path of set_loss (CE summed and divided by loss_normalisers' weight sum) equals torch's
+    weighted-mean CE path of one process, in value and in gradient, and its gradient matches finite differences."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    boxes = (torch.rand(2, 3, 4, generator=g, dtype=torch.float64) * 0.4 + 0.2).requires_grad_(True)
+    targets = [{"labels": torch.tensor([1]), "boxes_norm": torch.rand(1, 4, generator=g).double() * 0.4 + 0.2},
+               {"labels": torch.tensor([0, 3, 2, 1]), "boxes_norm": torch.rand(4, 4, generator=g).double() * 0.4 + 0.2}]
+    classes, slot_boxes, _ = det.slot_targets(targets, 3, 4, "cpu")
+    slot_boxes = slot_boxes.double()
+    count = sum(len(t["labels"]) for t in targets)
+    held = sum(min(len(t["labels"]), 3) for t in targets)
+    mean = lambda: det.set_loss(logits, boxes, classes, slot_boxes, 4, norms=(count, None))  # noqa: E731
+    summed = lambda: det.set_loss(logits, boxes, classes, slot_boxes, 4,  # noqa: E731
+                                  norms=(count, held + 0.1 * (2 * 3 - held)))
+    torch.testing.assert_close(summed(), mean(), rtol=1e-12, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(summed(), [logits, boxes]), torch.autograd.grad(mean(), [logits, boxes])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert_gradients_match_differences(summed, [logits, boxes])
