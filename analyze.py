@@ -145,8 +145,11 @@ class Run:
         if self.script not in CLASSIFICATION + ("train_det_voc.py",):
             raise core.CheckpointError(f"{path} was written by {self.script!r}, which analyze.py does not know")
         self.module = importlib.import_module(self.script[:-3])
-        # flags added since an older checkpoint was written take the value that run used (the script's table)
-        self.args = argparse.Namespace(**{**getattr(self.module, "OLD_CHECKPOINTS", {}), **state["args"]})
+        missing = sorted(set(vars(self.module.get_args_parser().parse_args([]))) - set(state["args"]))
+        if missing:  # a flag added since: the run's value of it is unknown
+            raise core.CheckpointError(f"{path} was written by an older {self.script}, without --"
+                                       f"{', --'.join(m.replace('_', '-') for m in missing)}; analyze it with that version")
+        self.args = argparse.Namespace(**state["args"])
         self.args.device = str(device)
         self.kind = "det" if self.script == "train_det_voc.py" else "cls"
         # never download: the checkpoint holds every weight
@@ -297,19 +300,18 @@ def mode_inference(runs, args):
         loader = run.loader(test, args.bs, args.limit)
         results = [flow_accuracies(run, loader, seed, args.solver) for seed in range(args.noise_seeds)]
         draws, times, drifts = [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
-        objective = getattr(run.args, "objective", "velocity")
+        objective = run.args.objective
         for name in draws[0]:
             top1 = np.array([d[name][0] for d in draws])
             topk = np.array([d[name][1] for d in draws])
-            row = {"ckpt": run.path, "objective": objective, "time_split": bool(getattr(run.args, "time_split", False)),
-                   "mode": name, "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
-                   f"top{run.topk}_mean": float(topk.mean()), f"top{run.topk}_std": float(topk.std())}
+            row = {"ckpt": run.path, "objective": objective, "mode": name, "top1_mean": float(top1.mean()),
+                   "top1_std": float(top1.std()), f"top{run.topk}_mean": float(topk.mean()),
+                   f"top{run.topk}_std": float(topk.std())}
             if name.startswith("steps_"):
                 row["seconds"] = float(np.mean([t[int(name[6:])] for t in times]))
                 row["drift"] = float(np.mean([d[int(name[6:])] for d in drifts]))
             rows.append(row)
-        print(f"inference  {run.path} ({objective}, time_split={getattr(run.args, 'time_split', False)}, "
-              f"{args.noise_seeds} z0 draws)")
+        print(f"inference  {run.path} ({objective}, {args.noise_seeds} z0 draws)")
         for r in rows:
             if r["ckpt"] == run.path:
                 extra = f"   {r['seconds']:.3f} s   drift {r['drift']:.3f}" if "seconds" in r else ""
@@ -321,7 +323,7 @@ def mode_inference(runs, args):
     for i, path in enumerate(paths):
         sub = [r for r in rows if r["ckpt"] == path and not r["mode"].startswith("steps_")]
         xs = np.arange(len(sub)) + i * width
-        label = f"{os.path.basename(path)} ({sub[0]['objective']}{', time-split' if sub[0]['time_split'] else ''})"
+        label = f"{os.path.basename(path)} ({sub[0]['objective']})"
         ax.bar(xs, [r["top1_mean"] for r in sub], width, yerr=[r["top1_std"] for r in sub], label=label, capsize=2)
         ax.set_xticks(np.arange(len(sub)) + 0.4 - width / 2, [r["mode"] for r in sub], rotation=45, ha="right")
         steps = [r for r in rows if r["ckpt"] == path and r["mode"].startswith("steps_")]

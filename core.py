@@ -53,6 +53,11 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 
 
 # ==== The method (Section 3) ======================================================================
+def at_least_fp32(x):
+    """x in fp32, or in its own dtype if wider (losses and logits under bf16 autocast; float64 in the tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class TimeEmbedding(nn.Module):
     """e_t = MLP(sinusoid(t)) in R^d (eq. 6). t: [B] in [0, 1] -> [B, d]."""
 
@@ -65,7 +70,7 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * half, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        angles = t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * self.freqs[None]  # [B, freq_dim/2]
+        angles = at_least_fp32(t)[:, None] * self.freqs[None]  # [B, freq_dim/2]
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
@@ -155,14 +160,10 @@ class ClassEmbedding(nn.Module):
         return self.table()[y]
 
 
-def sample_t(n, head, T, time_split, device, dist="uniform", u=None):
-    """t per sample [n]: 'uniform' U[0, 1] (the paper); 'early' u^2 (more training near t = 0, where z_t
-    says little about z1 and the head must read the image); 'zero' t = 0 (the one-step map). With
-    time_split head k draws from [k/T, (k+1)/T), the interval it owns in multi-step inference (eq. 24).
-    u: the U[0, 1) draws to use (from `train_noise`), fresh ones when None."""
-    u = torch.rand(n, device=device) if u is None else u
-    u = {"uniform": u, "early": u * u, "zero": torch.zeros_like(u)}[dist]
-    return (head + u) / T if time_split else u
+def time_law(u, dist="uniform"):
+    """t per sample [n] from its U[0, 1) draw u (`train_noise`): 'uniform' t = u (the paper); 'early' u^2 (more
+    training near t = 0, where z_t says little about z1 and the head must read the image)."""
+    return {"uniform": u, "early": u * u}[dist]
 
 
 def path(z0, z1, t, sigma_min=0.0):
@@ -176,21 +177,15 @@ def endpoint(zt, v, t):
     return zt + (1 - t.view(-1, *([1] * (zt.dim() - 1)))) * v
 
 
-def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_min=0.0,
-                       reduction="mean", detach_target=False, z0=None, t=None, t_dist="uniform", weight=None):
-    """The flow part of head k's local loss: (mse, z1_hat) for head(zt, feat, t) -> v and targets z1 [B, ...].
-    reduction 'mean' averages the squared error over every element (A.1.1's MSE, on the CE's scale),
-    'sum' sums over latent dims (Algorithm 1's ||.||^2). detach_target: zt and u see z1 through a
-    stop-gradient (the collapse guard); z1_hat still carries d z1_hat / d z1 = t for the anchor loss.
-    z0, t: given draws (fresh when None). weight: optional per-sample factor [B] on the error."""
+def flow_matching_loss(head, feat, z1, z0, t, sigma_min=0.0, reduction="mean", detach_target=False):
+    """The flow part of head k's local loss: (mse, z1_hat) for head(zt, feat, t) -> v, targets z1 [B, ...] and
+    the draws z0 [B, ...], t [B]. reduction 'mean' averages the squared error over every element (A.1.1's MSE,
+    on the CE's scale), 'sum' sums over latent dims (Algorithm 1's ||.||^2). detach_target: zt and u see z1
+    through a stop-gradient (the collapse guard); z1_hat still carries d z1_hat / d z1 = t for the anchor loss."""
     z1_flow = z1.detach() if detach_target else z1
-    z0 = torch.randn_like(z1) if z0 is None else z0
-    t = sample_t(z1.shape[0], head_index, T, time_split, z1.device, t_dist) if t is None else t
     zt, u = path(z0, z1_flow, t, sigma_min)
     v = head(zt, feat, t)
-    err = (v - u).to(torch.promote_types(v.dtype, torch.float32)) ** 2  # fp32 at least, also under bf16
-    if weight is not None:
-        err = err * weight.view(-1, *([1] * (err.dim() - 1)))
+    err = at_least_fp32(v - u) ** 2
     mse = err.mean() if reduction == "mean" else err.flatten(1).sum(1).mean()
     z1_hat = endpoint(zt, v, t)
     if detach_target:  # same value; routes the anchor gradient into z1 through zt's t * z1 term
@@ -200,10 +195,10 @@ def flow_matching_loss(head, feat, z1, head_index, T, time_split=False, sigma_mi
 
 def sample_tu(head, T, span, draws, diag=0.25, dist="uniform"):
     """(t, u), t <= u, per sample for flow-map head k = `head` from U[0, 1) draws [n, 3]: t = u (where SGFlow is flow
-    matching) with probability `diag`, else the two draws sorted (its Theorem 1 needs both), t under `sample_t`'s
-    law `dist` ('early' squares it). span 'global': in [0, 1]; 'local': head k's interval [k/T, (k+1)/T]."""
+    matching) with probability `diag`, else the two draws sorted (its Theorem 1 needs both), t under the law
+    `dist` (`time_law`). span 'global': in [0, 1]; 'local': head k's interval [k/T, (k+1)/T]."""
     lo, hi = draws[:, :2].min(1).values, draws[:, :2].max(1).values
-    lo = sample_t(len(lo), 0, 1, False, lo.device, dist, lo)  # the start time under the law
+    lo = time_law(lo, dist)  # the start time under the law
     hi = torch.where(draws[:, 2] < diag, lo, hi)
     return ((head + lo) / T, (head + hi) / T) if span == "local" else (lo, hi)
 
@@ -218,7 +213,7 @@ def exact_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """F.layer_norm from primitive ops, for forward-mode AD: in torch <= 2.14 the backward through torch.func.jvp of
     the fused kernel takes its saved mean and rstd as constants and is wrong (pytorch/pytorch#196700)."""
     dims = tuple(range(-len(normalized_shape), 0))
-    x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least, as autocast runs F.layer_norm
+    x = at_least_fp32(x)  # as autocast runs F.layer_norm
     xc = x - x.mean(dims, keepdim=True)
     y = xc * torch.rsqrt(xc.pow(2).mean(dims, keepdim=True) + eps)
     y = y if weight is None else y * weight
@@ -274,7 +269,7 @@ def sgflow_loss(g, feat, z0, z1, t, u, split=True, v_hat=None):
         first = torch.arange(2 * len(t), device=t.device) < len(t)
     with ExactNorms():
         _, d = torch.func.jvp(f, (t_in, points), (dt, dx))
-    sq = d.to(torch.promote_types(d.dtype, torch.float32)).pow(2).flatten(1).mean(1)
+    sq = at_least_fp32(d).pow(2).flatten(1).mean(1)
     ones = first.to(sq.dtype)  # each term averaged over its own rows
     return (sq * (ones / ones.sum() - (1 - ones) / (1 - ones).sum())).sum(), xt
 
@@ -303,22 +298,18 @@ class FlowClassifier(nn.Module):
     def T(self):
         return len(self.heads)
 
-    def head_loss(self, k, feats, y, z0=None, t=None, lam=1.0, sigma_min=0.0, reduction="mean"):
-        """L_k = MSE + lam * CE(W_cls^T z1_hat, y) (eq. 19) of head k on `feats`, for draws z0 [B, d] and t [B]
-        (fresh N(0, I) and U[0, 1] draws when None)."""
-        t = sample_t(len(y), k, self.T, False, y.device) if t is None else t
-        mse, z1_hat = flow_matching_loss(self.heads[k], feats[self.head_stage[k]], self.embed(y), k, self.T,
-                                         sigma_min=sigma_min, reduction=reduction, detach_target=self.embed.guard,
-                                         z0=z0, t=t)
+    def head_loss(self, k, feats, y, z0, t, lam=1.0, sigma_min=0.0, reduction="mean"):
+        """L_k = MSE + lam * CE(W_cls^T z1_hat, y) (eq. 19) of head k on `feats`, for draws z0 [B, d] and t [B]."""
+        mse, z1_hat = flow_matching_loss(self.heads[k], feats[self.head_stage[k]], self.embed(y), z0, t, sigma_min,
+                                         reduction, detach_target=self.embed.guard)
         return mse + lam * F.cross_entropy(self.logits(z1_hat), y)
 
     def map_loss(self, k, feats, y, z0, t, u, lam=1.0, split=True, sg_features=True):
         """The flow-map head's local loss: SGFlow's L_sg on the path to z1 = W_embed[y] (through the guard's
         stop-gradient) + lam * CE(W_cls^T z1_hat, y) on the endpoint estimate z1_hat = f(t, 1, X_t).
-        z0 [B, d] (fresh N(0, I) when None), (t, u) [B] from `sample_tu`. sg_features False: L_sg reads the
-        features through a stop-gradient (the backbone learns from the anchor only; see the fine-tuning notes)."""
+        z0 [B, d], (t, u) [B] from `sample_tu`. sg_features False: L_sg reads the features through a
+        stop-gradient (the backbone learns from the anchor only; see the fine-tuning notes)."""
         g, feat, z1 = self.heads[k], feats[self.head_stage[k]], self.embed(y)
-        z0 = torch.randn_like(z1) if z0 is None else z0
         z1_flow = z1.detach() if self.embed.guard else z1
         sg, xt = sgflow_loss(g, feat if sg_features or feat is None else feat.detach(), z0, z1_flow, t, u, split)
         end = torch.full_like(t, float(k + 1) / self.T if self.span == "local" else 1.0)
@@ -341,7 +332,7 @@ class FlowClassifier(nn.Module):
     def logits(self, z):
         """W_cls^T z (eqs. 16, 29), in fp32 at least."""
         out = self.cls(z.to(self.cls.weight.dtype))
-        return out.to(torch.promote_types(out.dtype, torch.float32))
+        return at_least_fp32(out)
 
 
 def pool(feat):
@@ -382,6 +373,16 @@ def blockwise_backward(features, head_ids, head_loss, all_features=False):
     if pairs:
         torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
     return dict(zip(head_ids, values))
+
+
+def joint_backward(loss):
+    """bp's one backward through the whole model, after the step's one read-back to the host; NonFiniteLoss
+    before it if the loss is NaN or inf. Returns {"loss": value}."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss("bp", value)
+    loss.backward()
+    return {"loss": value}
 
 
 def head_for_time(t, T):
@@ -529,7 +530,7 @@ def classification_summary(record):
 
 
 def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False, lam=1.0, diag=0.25,
-                    time_split=False, t_dist="uniform", sigma_min=0.0, mse="mean", sg_features=True):
+                    t_dist="uniform", sigma_min=0.0, mse="mean", sg_features=True):
     """One training batch of a classifier, no optimiser step; returns the losses to log. x [B, ...], y [B],
     index [B] (dataset indices keying the noise; with noise_key = (seed, epoch, pass) from the engine).
     FlowClassifier: the backbone once, then `blockwise_backward` over `heads`, head k's local loss (eq. 19;
@@ -539,23 +540,16 @@ def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False,
     device = x.device
     with autocast(device, amp):
         if not isinstance(model, FlowClassifier):
-            loss = F.cross_entropy((forward or model)(x).float(), y)
-            value = loss.item()  # the step's one read-back to the host
-            if not math.isfinite(value):
-                raise NonFiniteLoss("bp", value)
-            loss.backward()
-            return {"loss": value}
+            return joint_backward(F.cross_entropy((forward or model)(x).float(), y))
         feats = (forward or model.backbone)(x)
 
-        def head_loss(k, f):
-            z0, u = (None, None) if index is None or noise_key is None else \
-                train_noise(index, (*noise_key, k), (model.dim,), device)
+        def head_loss(k, f):  # every draw of head k is made here, from its own key
+            key = lambda *part: None if noise_key is None else (*noise_key, k, *part)  # noqa: E731
+            z0, u = train_noise(index, key(), (model.dim,), device, n=len(y))
             if model.objective == "flowmap":  # (t, u) of the map from three more uniform draws per sample
-                key = None if noise_key is None else (*noise_key, k, 1)
-                t, u = sample_tu(k, model.T, model.span, uniforms(index, key, 3, len(y), device), diag, t_dist)
+                t, u = sample_tu(k, model.T, model.span, uniforms(index, key(1), 3, len(y), device), diag, t_dist)
                 return model.map_loss(k, f, y, z0, t, u, lam, sg_features=sg_features)
-            t = sample_t(len(y), k, model.T, time_split, device, t_dist, u)
-            return model.head_loss(k, f, y, z0, t, lam, sigma_min, mse)
+            return model.head_loss(k, f, y, z0, time_law(u, t_dist), lam, sigma_min, mse)
         losses = blockwise_backward(feats, heads, head_loss, all_features=forward is not None)
         probe = model.probe_loss(feats, y)
     probe.backward()  # its value stays on the device until the epoch's sums are read
@@ -625,10 +619,13 @@ def noise_for(indices, shape, seed=0, device="cpu", kind="auto"):
     return table_normal(indices, (seed, 0x5EED), math.prod(shape), device).view(len(indices), *shape)
 
 
-def train_noise(indices, key, shape, device="cpu", kind="auto"):
+def train_noise(indices, key, shape, device="cpu", kind="auto", n=None):
     """Training draws per sample, (z0 [B, *shape] ~ N(0, I), u [B] ~ U[0, 1)), a function of `key` (e.g.
     (seed, epoch, pass, head)) and the dataset index only: a global batch split over N processes draws
-    exactly what one process draws for the whole batch. kind: 'host', 'device' or 'auto', as noise_for."""
+    exactly what one process draws for the whole batch. kind: 'host', 'device' or 'auto', as noise_for.
+    The one place training noise is drawn: fresh draws of n rows from torch's RNG when indices or key is None."""
+    if indices is None or key is None:
+        return torch.randn((n, *shape), device=device), torch.rand(n, device=device)
     if kind == "host" or (kind == "auto" and torch.device(device).type != "cuda"):  # the original stream
         gen = torch.Generator()
         z0, u = torch.empty((len(indices), *shape)), torch.empty(len(indices))
@@ -643,10 +640,8 @@ def train_noise(indices, key, shape, device="cpu", kind="auto"):
 
 def uniforms(indices, key, count, n, device="cpu"):
     """[n, count] U[0, 1) draws per sample from the `train_noise` stream of `key` (the normal CDF of its
-    normals); fresh draws when indices or key is None."""
-    if indices is None or key is None:
-        return torch.rand(n, count, device=device)
-    return torch.special.ndtr(train_noise(indices, key, (count,), device)[0])
+    normals; fresh when indices or key is None)."""
+    return torch.special.ndtr(train_noise(indices, key, (count,), device, n=n)[0])
 
 
 class WithIndex(torch.utils.data.Dataset):
@@ -689,9 +684,8 @@ class DataError(RuntimeError):
 def data_lock(root):
     """Hold an exclusive lock on the data folder `root` (created if absent) while a run reads, downloads or writes
     there: independent processes started on one fresh --data (an fm and a bp run side by side) take turns, so
-    the later ones find the first one's dataset or cache whole and reuse it. torchrun's ranks also take turns
-    (rank 0 first, through a barrier). POSIX file lock (fcntl.flock) on root/.dfm.lock; without fcntl
-    (Windows) no lock."""
+    the later ones find the first one's dataset or cache whole and reuse it; torchrun's ranks take turns alike.
+    POSIX file lock (fcntl.flock) on root/.dfm.lock; without fcntl (Windows) no lock."""
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".dfm.lock"), "a") as handle:
         if fcntl is not None:

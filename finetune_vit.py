@@ -74,10 +74,9 @@ def get_args_parser(add_help=True):
     # method
     p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow heads, or 4 encoder layers end to end")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"], help="block-wise schedule")
-    p.add_argument("--time-split", action="store_true", help="head k trains on t in [k/T, (k+1)/T) only")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
-    p.add_argument("--t-dist", default="uniform", choices=["uniform", "early", "zero"],
-                   help="t (flowmap: start t) in training: U[0,1] (paper), u^2 (more near 0), or 0")
+    p.add_argument("--t-dist", default="uniform", choices=["uniform", "early"],
+                   help="t (flowmap: start t) in training: U[0,1] (paper) or u^2, more near 0 (core.time_law)")
     p.add_argument("--diag", type=float, default=0.25, help="flowmap: share of (t, u) draws with t = u (flow matching)")
     p.add_argument("--sg-features", default="train", choices=["train", "detach"],
                    help="flowmap: SGFlow's term trains the backbone too, or reads its features through a stop-gradient")
@@ -149,10 +148,6 @@ def parse_args(argv=None):
 # the flags a --resume must match: the parser's model group, and what the data and the method are
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
-# flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"diag": 0.25, "compile": False, "objective": "velocity", "span": "global", "depth": None,
-                   "feat_norm": "none", "final": False, "test_every_epoch": False,
-                   "sg_features": "train"}
 
 
 # ---- Model ---------------------------------------------------------------------------------------
@@ -268,8 +263,8 @@ def train_step(model, forward, batch, heads, noise_key, args, device):
     x, y, index = batch
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return core.classifier_step(model, forward, x, y, index, heads, noise_key, amp=args.amp, lam=args.lam,
-                                diag=args.diag, time_split=args.time_split, t_dist=args.t_dist,
-                                sigma_min=args.sigma_min, mse=args.mse, sg_features=args.sg_features == "train")
+                                diag=args.diag, t_dist=args.t_dist, sigma_min=args.sigma_min, mse=args.mse,
+                                sg_features=args.sg_features == "train")
 
 
 def summary(record):
@@ -283,7 +278,6 @@ def check_flags(args):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
     for used, flag in ((args.mode == "sequential", "--mode sequential trains flow heads one at a time"),
-                       (args.time_split, "--time-split assigns time intervals to flow heads"),
                        (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps")):
         if used and args.method == "bp":
             sys.exit(f"error: {flag}; it does not apply to --method bp")

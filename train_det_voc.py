@@ -1,44 +1,37 @@
 """DFM object detection on PASCAL VOC 2007 (paper Sections 3.1.1, 5.1, A.1.2, A.3.3-A.3.4, D.1).
 
 Result (offline minivoc quickstart, 2-core CPU, 240 test canvases, seeds 0-2, choices made on the
-validation split): fm map50 0.661 (0.649-0.669), bp 0.713 (0.700-0.723), 0.926x; 12-20 min per run
-with four jobs on the two cores.
+validation split): fm map50 0.661 (0.649-0.669), bp 0.713 (0.700-0.723), 0.926x; 12-20 min per run.
     python train_det_voc.py --dataset minivoc [--method bp] --out runs/det_fm.pt
 
-Setup (paper D.1): torchvision ResNet-50 with ImageNet weights, features projected to d = 128 by a 1x1
-conv, flattened with a 2-D sine position code into an image memory. M = 20 slots; slot j's target is
-z1_j = W_class[c_j] + W_box b_j (b_j normalised cxcywh; empty slots: background class C, zero box).
-T flow blocks, each a transformer decoder layer (self-attention over slots, cross-attention to the
-memory, FFN, LayerNorm only, 4 heads) conditioned on t, predict the velocity of all M slots; shared
-linear class (C + 1) and box (sigmoid cxcywh) heads decode any latent. Block k's loss: Hungarian
-matching of the decoded z1_hat = z_t + (1 - t) v (class 1, L1 5, GIoU 2), CE with no-object weight
-0.1, L1 x 5, GIoU x 2, plus 0.1 x flow MSE. 256 px, 50 epochs, batch 16, AdamW wd 1e-4, lr 1e-4
-(blocks) and 1e-5 (backbone), x0.1 at epoch 20, clipping 1.0. Inference: Euler over T steps, decode,
-drop no-object, scores >= 0.05, per-class NMS; mAP@0.5 with the VOC07 11-point devkit rules.
+Setup (D.1): ResNet-50 with ImageNet weights, a 1x1 conv to d = 128 and a 2-D sine position code make
+the image memory. M = 20 slots; slot j's target z1_j = W_class[c_j] + W_box b_j (cxcywh in [0, 1];
+empty slots: background C, zero box). T flow blocks (transformer decoder layers, LayerNorm only, 4
+heads, conditioned on t) predict all M slots; shared linear class and box heads decode any latent.
+Block k's loss: DETR's Hungarian loss of the decoded z1_hat (class 1, L1 5, GIoU 2; no-object weight
+0.1) + 0.1 x flow MSE. 256 px, 50 epochs, batch 16, AdamW wd 1e-4, lr 1e-4 (blocks) / 1e-5
+(backbone), x0.1 at epoch 20, clipping 1.0. Inference: Euler over T steps, scores >= 0.05, per-class
+NMS, VOC07 11-point mAP@0.5 with the devkit's rules.
 
 --recipe dfm (default) / paper: the flow formulation. 'paper' is the literal reading (objects in
-annotation order, per-block slot queries, velocity output, the straight-line path, z0 ~ N(0, I),
-Euler from a noise draw); it scored map50 0.036 on minivoc's validation split, against 0.663 for
-'dfm': --coupling match (each object goes to the slot whose own prediction Hungarian-matches it),
---queries shared, --predict refine (the block corrects c_skip(t) z_t, the least-squares guess of z1),
---train-path euler (block k trains on the Euler state that blocks 0..k-1 reach at t = k/T, where
-inference uses it), --z0-std 0.1, --z0-infer mean (Euler from z0 = 0). Each part has its own flag.
+annotation order, per-block slot queries, velocity output, the straight-line path, z0 ~ N(0, I), Euler
+from a noise draw; map50 0.036 on minivoc's validation split against 0.663). 'dfm': --coupling match
+(each object goes to the slot whose own prediction Hungarian-matches it), --queries shared, --predict
+refine (the block corrects c_skip(t) z_t, the least-squares guess of z1), --train-path euler (block k
+trains on the Euler state blocks 0..k-1 reach at t = k/T, where inference uses it), --z0-std 0.1,
+--z0-infer mean (Euler from z0 = 0). Match and refine need the Euler path.
 
-Other departures from D.1, with the flag for the paper's reading: the collapse guard is on (the flow
-MSE sees W_class, W_box through a stop-gradient: --no-guard); a horizontal flip with probability 0.5
-(--hflip 0); under --recipe paper each block adds its own learnable slot embedding (--queries none).
+Other departures from D.1 (the paper's reading in brackets): the collapse guard (--no-guard); a 0.5
+horizontal flip (--hflip 0); under --recipe paper each block's own slot embedding (--queries none).
 Images with more than M objects keep the first M as flow targets; the Hungarian loss matches among
-all of them, and L1 / GIoU are divided by every box of the batch, as DETR's.
+all, and L1 / GIoU are divided by every box of the batch, as DETR's. --method bp: the same backbone
+and a T-layer DETR decoder (learned queries, same width), the matching loss after every layer.
 
---method bp: the same backbone and a 4-layer DETR-style decoder (learned queries) of the same width,
-trained end to end with the matching loss after every layer (DETR's auxiliary losses; --no-aux-loss).
-
-minivoc (not a paper setup): scikit-learn's digits pasted onto cluttered canvases, written once in
-the real VOC layout under --data and read by the same loader. Its defaults suit a 2-core CPU:
---backbone tiny (3 conv stages, memory at stride 8) pretrained once on digit classification (train
-digits only; cached under --data), 64 px, M = 10, batch 8, lr 5e-4 everywhere, 40 epochs (lr drop at
-32), parallel schedule, no flip (a mirrored digit is another glyph) but --crop 0.6, a random crop
-that keeps every box whole. Measurements: docs/research_notes.md.
+minivoc (not a paper setup): scikit-learn's digits pasted on cluttered canvases, written once in the
+real VOC layout under --data and read by the same loader. CPU defaults: --backbone tiny (3 conv stages,
+stride 8) pretrained once on digit classification (train digits only; cached under --data), 64 px,
+M = 10, batch 8, lr 5e-4 everywhere, 40 epochs (drop at 32), parallel schedule, no flip (a mirrored
+digit is another glyph) but --crop 0.6, a random crop that keeps every box. docs/research_notes.md.
 """
 import argparse
 import functools
@@ -57,6 +50,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
+from timm.layers import freeze_batch_norm_2d
 from torchvision import tv_tensors
 from torchvision.ops import batched_nms, box_convert, generalized_box_iou
 from torchvision.transforms import v2
@@ -78,12 +72,9 @@ def get_args_parser(add_help=True):
                    help="VOC 2007 (trainval / test), or the offline digits-on-canvas set in VOC format")
     p.add_argument("--data", default="data", help="root holding VOCdevkit/ (downloaded / written there)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (VOC 2; minivoc 0)")
-    p.add_argument("--hflip", type=float, default=None,
-                   help="probability of the training horizontal flip (VOC 0.5; minivoc 0: a mirrored digit is "
-                        "another glyph)")
+    p.add_argument("--hflip", type=float, default=None, help="training horizontal flip probability (VOC 0.5; minivoc 0)")
     p.add_argument("--crop", type=float, default=None,
-                   help="random crop keeping every box, sides in [CROP, 1] of the image (0 = off; VOC 0 as the "
-                        "paper; minivoc 0.6)")
+                   help="random crop keeping every box, sides in [CROP, 1] of the image (0 = off, VOC; minivoc 0.6)")
     # method
     p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the DETR-style baseline")
     p.add_argument("--recipe", default="dfm", choices=sorted(RECIPES),
@@ -91,12 +82,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--mode", default=None, choices=["parallel", "sequential"],
                    help="schedule: Algorithm 1 (a full pass per block) or every batch trains all blocks")
     p.add_argument("--train-path", default=None, choices=["line", "euler"],
-                   help="where block k trains: z_t on the straight line z0 -> z1 at sampled t (paper), or the "
-                        "Euler state that blocks 0..k-1 reach at t = k/T (inference's own path; no gradient "
-                        "crosses blocks)")
+                   help="block k trains at z_t on the straight line at sampled t (paper), or at the Euler state "
+                        "blocks 0..k-1 reach at t = k/T (inference's path; no gradient crosses blocks)")
     p.add_argument("--z0-infer", default=None, choices=["noise", "mean"],
-                   help="inference starts from a noise draw z0 (paper; VOC) or from its mean, z0 = 0 (minivoc); "
-                        "fm logs the other as map50_noise / map50_mean")
+                   help="inference from a noise draw z0 (paper) or from z0 = 0; fm logs the other as map50_noise/mean")
     p.add_argument("--flow-weight", type=float, default=0.1, help="weight of the flow MSE (paper 0.1)")
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false",
                    help="bp: only the last decoder layer's matching loss (default: after every layer, as DETR)")
@@ -104,37 +93,30 @@ def get_args_parser(add_help=True):
     arch = p.add_argument_group("model")
     arch.add_argument("--T", type=int, default=4, help="flow blocks (bp: decoder layers)")
     arch.add_argument("--img-size", type=int, default=None, help="square input size (paper 256; minivoc 64)")
-    arch.add_argument("--coupling", default=None, choices=["index", "ot", "match"],
-                      help="object-to-slot assignment of the flow path: annotation order, nearest noise (OT), or the "
-                           "slot whose own prediction Hungarian-matches the object (match; on the Euler path the "
-                           "detection loss then uses these slot targets, which are that same matching)")
+    arch.add_argument("--coupling", default=None, choices=["index", "match"],
+                      help="objects to slots: annotation order, or (Euler path) the slot whose own prediction "
+                           "Hungarian-matches the object, slot targets the set loss then uses")
     arch.add_argument("--predict", default=None, choices=["velocity", "refine"],
-                      help="block output: the velocity v (paper), or refine: the endpoint z1_hat = c_skip(t) z_t + f, "
-                           "the least-squares guess of z1 from z_t (EDM's c_skip) plus the block's correction f, with "
-                           "the block reading that guess; v = (z1_hat - z_t) / (1 - t)")
+                      help="block output: the velocity (paper), or refine: a correction f of the guess c_skip(t) z_t "
+                           "that the block reads, z1_hat = c_skip(t) z_t + f (FlowDetector.skip)")
     arch.add_argument("--queries", default=None, choices=["block", "shared", "none"],
-                      help="slot queries added to each block's input: its own (init 0.02), one set for all blocks "
-                           "(init N(0, 1), as DETR's), or none (D.1 describes none: slots differ by their z_t only)")
+                      help="slot queries added to each block's input: its own, one N(0, 1) set for all (DETR's), or none")
     arch.add_argument("--z0-std", type=float, default=None, help="std of the noise z0 (paper and VOC: 1; minivoc 0.1)")
     arch.add_argument("--no-guard", action="store_true", help="let the flow MSE move the target embeddings")
     arch.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "tiny"],
-                      help="torchvision ResNet, or tiny: a small CNN from random init for CPU runs")
+                      help="torchvision ResNet, or tiny: a small CNN for CPU runs")
     arch.add_argument("--frozen-bn", action="store_true",
-                      help="the backbone's BatchNorm frozen at its weights' statistics (DETR's FrozenBatchNorm2d; for "
-                           "small per-process batches, and under torchrun N processes at batch b then train exactly as "
-                           "one at N b); default: trained on each batch, as the measured recipes")
+                      help="backbone BatchNorm frozen (DETR's FrozenBatchNorm2d; small batches; torchrun N x b then "
+                           "trains as one process at N b); default: batch statistics, as the measured recipes")
     arch.add_argument("--stride", type=int, default=None, choices=[8, 16, 32],
-                      help="memory from layer4 (32, paper), layer3 (16) or layer2 (8); minivoc default 8")
+                      help="memory from layer4 (32, paper), layer3 (16) or layer2 (8, minivoc)")
     arch.add_argument("--dim", type=int, default=128, help="d: memory and slot width")
     arch.add_argument("--slots", type=int, default=None, help="M query slots (paper 20; minivoc 10)")
     arch.add_argument("--nheads", type=int, default=4, help="attention heads")
     arch.add_argument("--ffn", type=int, default=512, help="FFN width of each block")
-    # weights of the backbone
-    p.add_argument("--weights", default=None,
-                   help="local state dict of the backbone: a torchvision ResNet's (offline), or the tiny trunk's")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="random init instead of ImageNet weights (tiny on minivoc: instead of its digits pretraining)")
-    # optimisation
+    # weights of the backbone, optimisation, inference
+    p.add_argument("--weights", default=None, help="local state dict of the backbone (a torchvision ResNet's, tiny's)")
+    p.add_argument("--no-pretrained", action="store_true", help="random init (not ImageNet's; tiny: not its digits)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     p.add_argument("--epochs", type=int, default=None, help="epochs (paper 50; minivoc 40, lr drop at 32)")
     p.add_argument("--bs", type=int, default=None, help="batch size per process (paper 16; minivoc 8)")
@@ -145,7 +127,6 @@ def get_args_parser(add_help=True):
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone and heads (bp: the model)")
-    # inference
     p.add_argument("--score-thresh", type=float, default=0.05, help="keep detections with score >= this")
     p.add_argument("--nms", type=float, default=0.5, help="per-class NMS IoU threshold")
     # run
@@ -155,8 +136,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--max-steps", type=int, default=0, help="stop each pass after this many steps (smoke tests)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N validation / test images only")
-    p.add_argument("--final", action="store_true",
-                   help="train on trainval (once the choices are made) and report test; no val_ metrics")
+    p.add_argument("--final", action="store_true", help="train on trainval and report test (no val_ metrics)")
     p.add_argument("--test-every-epoch", action="store_true", help="test every epoch (curves), not after the last only")
     # the default dataset's setup and recipe; parse_args applies those the command line asks for
     p.set_defaults(**SETUPS["voc2007"], **RECIPES["dfm"])
@@ -170,20 +150,16 @@ SETUPS = {
     "minivoc": dict(backbone="tiny", img_size=64, stride=8, slots=10, bs=8, lr=5e-4, lr_backbone=None,
                     epochs=40, lr_drop=32, mode="parallel", workers=0, hflip=0.0, crop=0.6),
 }
-# --recipe: the flow formulation (fm only): 'paper', the literal reading of Sections 3.1.1 / A.1.2, and 'dfm',
-# this project's (module docstring; docs/research_notes.md)
+# --recipe: fm's flow formulation: 'paper', the literal reading of Sections 3.1.1 / A.1.2, and 'dfm', this project's
 RECIPES = {
-    "paper": dict(coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0,
-                  z0_infer="noise"),
-    "dfm": dict(coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1,
-                z0_infer="mean"),
+    "paper": dict(coupling="index", queries="block", predict="velocity", train_path="line", z0_std=1.0, z0_infer="noise"),
+    "dfm": dict(coupling="match", queries="shared", predict="refine", train_path="euler", z0_std=0.1, z0_infer="mean"),
 }
 
 
 def parse_args(argv=None):
-    """Flags with the --dataset setup and the --recipe as real argparse defaults (set_defaults after a first pass
-    reads --dataset, --recipe and --method; bp: the parallel schedule); a second pass reads --lr, which the
-    backbone lr follows where the setup has none (minivoc). A flag the user typed always wins."""
+    """Flags with the --dataset setup, the --recipe (bp: parallel) and, where the setup has no backbone lr, --lr's
+    value as real argparse defaults (read in two first passes); a flag the user typed always wins."""
     first, _ = get_args_parser(add_help=False).parse_known_args(argv)
     defaults = dict(SETUPS[first.dataset], **RECIPES[first.recipe])
     if first.method == "bp":
@@ -204,10 +180,6 @@ def parse_args(argv=None):
 # the flags a --resume must match: the parser's model group, and what the data and the method are
 RESUME_MATCH = ("dataset", "method", "final") + tuple(
     a.dest for g in get_args_parser()._action_groups if g.title == "model" for a in g._group_actions)
-# flags added since older checkpoints were written, with the value those runs used (analyze.py fills them in)
-OLD_CHECKPOINTS = {"compile": False, "hflip": 0.5, "crop": 0.0, "stride": 32, "queries": "block", "predict": "velocity",
-                   "coupling": "index", "train_path": "line", "z0_std": 1.0, "z0_infer": "noise", "aux_loss": False,
-                   "final": False, "test_every_epoch": False, "frozen_bn": False}
 
 
 # ---- Evaluation: PASCAL VOC mAP, devkit rules ----------------------------------------------------
@@ -227,27 +199,17 @@ def voc_ap(rec, prec, use_07_metric=True):
 
 
 def voc_eval(dets, gts, num_classes, iou_thresh=0.5, use_07_metric=True):
-    """PASCAL VOC detection AP per class with the devkit's rules.
-
-    dets[i]: dict(boxes [N, 4] xyxy original pixels, scores [N], labels [N] in 0..C-1);
-    gts[i]: dict(boxes [G, 4], labels [G], difficult [G] bool); numpy arrays or tensors.
-    Per class, detections of all images in descending score order; each matches the highest-IoU
-    ground truth of its image (IoU with the devkit's +1 pixel convention). IoU > thresh: a difficult
-    box makes it neither TP nor FP, an unmatched one a TP, an already matched one an FP; otherwise FP.
-    Returns {"map": mean AP over classes with >= 1 non-difficult ground truth, "ap": [per class,
-    nan for classes without positives]}.
-    """
+    """PASCAL VOC AP per class with the devkit's rules. dets[i]: dict(boxes [N, 4] xyxy pixels, scores, labels);
+    gts[i]: dict(boxes, labels, difficult). Per class, detections in descending score order each match the
+    highest-IoU ground truth of their image (the devkit's +1 pixel IoU); above iou_thresh a difficult box makes
+    neither TP nor FP, an unmatched one a TP, a matched one an FP; below, FP. Returns {"map": the mean over classes
+    with a non-difficult ground truth, "ap": per class, nan without one}."""
     aps = []
     for c in range(num_classes):
-        gt_boxes, gt_diff, used, npos = [], [], [], 0
-        for g in gts:
-            keep = _np(g["labels"]) == c
-            boxes = _np(g["boxes"]).reshape(-1, 4)[keep].astype(np.float64)
-            diff = _np(g["difficult"]).astype(bool)[keep]
-            gt_boxes.append(boxes)
-            gt_diff.append(diff)
-            used.append(np.zeros(len(boxes), bool))
-            npos += int((~diff).sum())
+        keep = [_np(g["labels"]) == c for g in gts]
+        gt_boxes = [_np(g["boxes"]).reshape(-1, 4)[k].astype(np.float64) for g, k in zip(gts, keep)]
+        gt_diff = [_np(g["difficult"]).astype(bool)[k] for g, k in zip(gts, keep)]
+        used, npos = [np.zeros(len(b), bool) for b in gt_boxes], sum(int((~d).sum()) for d in gt_diff)
         image_ids, scores, boxes = [], [], []
         for i, d in enumerate(dets):
             keep = _np(d["labels"]) == c
@@ -272,15 +234,11 @@ def voc_eval(dets, gts, num_classes, iou_thresh=0.5, use_07_metric=True):
             inter = iw * ih
             union = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
                      + (gt[:, 2] - gt[:, 0] + 1.0) * (gt[:, 3] - gt[:, 1] + 1.0) - inter)
-            overlaps = inter / union
-            best = int(np.argmax(overlaps))
-            if overlaps[best] > iou_thresh:
-                if gt_diff[i][best]:
-                    continue  # matched a difficult box: neither TP nor FP
-                if not used[i][best]:
-                    tp[rank], used[i][best] = 1, True
-                else:
-                    fp[rank] = 1
+            best = int(np.argmax(inter / union))
+            if inter[best] / union[best] > iou_thresh and gt_diff[i][best]:
+                continue  # matched a difficult box: neither TP nor FP
+            if inter[best] / union[best] > iou_thresh and not used[i][best]:
+                tp[rank], used[i][best] = 1, True
             else:
                 fp[rank] = 1
         tp, fp = np.cumsum(tp), np.cumsum(fp)
@@ -296,16 +254,12 @@ MINIVOC_VERSION = "minivoc 2: 64-96 px canvases, 1-5 digits of 12-40 px"
 
 
 def cluttered_canvas(rng, h, w, strokes, length):
-    """An h x w grey canvas (float, 0-255): noise N(40, 20) and rng.integers(*strokes) random horizontal
-    or vertical strokes of rng.integers(*length) pixels (minivoc's clutter)."""
+    """minivoc's clutter: an h x w canvas (float 0-255) of noise N(40, 20) and rng.integers(*strokes) strokes."""
     canvas = rng.normal(40, 20, (h, w)).clip(0, 255)
     for _ in range(int(rng.integers(*strokes))):
         x0, y0 = rng.integers(0, w), rng.integers(0, h)
-        n, horizontal = int(rng.integers(*length)), rng.random() < 0.5
-        if horizontal:
-            canvas[y0, x0:x0 + n] = rng.integers(100, 200)
-        else:
-            canvas[y0:y0 + n, x0] = rng.integers(100, 200)
+        n, horizontal = int(rng.integers(*length)), rng.random() < 0.5  # a horizontal or vertical stroke
+        canvas[(y0, slice(x0, x0 + n)) if horizontal else (slice(y0, y0 + n), x0)] = rng.integers(100, 200)
     return canvas
 
 
@@ -315,31 +269,29 @@ def digit_patch(image, size):
                       dtype=np.float64)
 
 
+def xml_fields(parent, **fields):
+    for tag, value in fields.items():
+        ET.SubElement(parent, tag).text = str(value)
+
+
 def write_minivoc(root, n_train=960, n_test=240, seed=0):
-    """Write minivoc once under root/VOCdevkit/VOC2007 in the real VOC layout: JPEGImages/*.jpg,
-    Annotations/*.xml (VOC schema: size, object/name/difficult/truncated/bndbox with 1-based pixel
-    coordinates) and ImageSets/Main/{trainval,test}.txt. Each canvas (64-96 px per side, grey noise
-    and random strokes as clutter) holds 1-5 real scikit-learn digits pasted at 12-40 px; digits
-    under 16 px are marked difficult, digits cut by the border are truncated (box clipped). The
-    digit images of the test split come from the held-out 20% of the digits data. A MINIVOC file
-    records the version; a VOC2007 folder without it (real VOC, an older minivoc) is never touched:
-    core.DataError instead. (Version 1, used for the first README measurements, had 64-160 px
-    canvases, 1-6 digits of 12-48 px and 480 / 120 images: at 64 px input many digits were ~5 px.)"""
-    final = os.path.join(root, "VOCdevkit", "VOC2007")
-    marker = os.path.join(final, "MINIVOC")
+    """Write minivoc once under root/VOCdevkit/VOC2007 in the real VOC layout (JPEGImages, Annotations with
+    1-based pixel boxes, ImageSets/Main/{trainval,test}.txt). Each 64-96 px canvas (grey noise and strokes)
+    holds 1-5 scikit-learn digits pasted at 12-40 px (test canvases: the held-out digits); under 16 px is
+    difficult, cut by the border truncated (box clipped). A MINIVOC file records the version; a VOC2007 folder
+    without it (real VOC, an older minivoc) is never touched: core.DataError instead."""
+    final, marker = os.path.join(root, "VOCdevkit", "VOC2007"), os.path.join(root, "VOCdevkit", "VOC2007", "MINIVOC")
     if os.path.isfile(marker) and open(marker).read().strip() == MINIVOC_VERSION:
         return final
     if os.path.exists(final):
         raise core.DataError(f"{os.path.abspath(final)} holds another dataset than {MINIVOC_VERSION!r} (real VOC or "
                              f"an older minivoc); pass another --data, or delete it to have minivoc written there")
-    # written into a private folder and renamed into place whole: a reader never sees half of it (main() also
-    # holds core.data_lock, so a second run on the same --data waits and then reuses it)
+    # written into a private folder and renamed into place whole (under prepare_data's lock): no half-written folder
     os.makedirs(os.path.dirname(final), exist_ok=True)
     base = tempfile.mkdtemp(prefix=".VOC2007-partial-", dir=os.path.dirname(final))
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
-    rng = np.random.default_rng(seed)
-    splits = core.digits_split()
+    rng, splits = np.random.default_rng(seed), core.digits_split()
     for split, (images, labels), count, offset in (("trainval", splits[0], n_train, 0), ("test", splits[1], n_test, n_train)):
         ids = []
         for n in range(count):
@@ -363,20 +315,12 @@ def write_minivoc(root, n_train=960, n_test=240, seed=0):
             Image.fromarray(canvas.astype(np.uint8)).convert("RGB").save(os.path.join(base, "JPEGImages", name + ".jpg"),
                                                                          quality=95)
             ann = ET.Element("annotation")
-            ET.SubElement(ann, "folder").text = "VOC2007"
-            ET.SubElement(ann, "filename").text = name + ".jpg"
-            size_el = ET.SubElement(ann, "size")
-            for tag, value in (("width", w), ("height", h), ("depth", 3)):
-                ET.SubElement(size_el, tag).text = str(value)
+            xml_fields(ann, folder="VOC2007", filename=name + ".jpg")
+            xml_fields(ET.SubElement(ann, "size"), width=w, height=h, depth=3)
             for cls, difficult, truncated, *box in objects:
                 obj = ET.SubElement(ann, "object")
-                ET.SubElement(obj, "name").text = cls
-                ET.SubElement(obj, "pose").text = "Unspecified"
-                ET.SubElement(obj, "truncated").text = str(truncated)
-                ET.SubElement(obj, "difficult").text = str(difficult)
-                bnd = ET.SubElement(obj, "bndbox")
-                for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
-                    ET.SubElement(bnd, tag).text = str(value)
+                xml_fields(obj, name=cls, pose="Unspecified", truncated=truncated, difficult=difficult)
+                xml_fields(ET.SubElement(obj, "bndbox"), **dict(zip(("xmin", "ymin", "xmax", "ymax"), box)))
             ET.ElementTree(ann).write(os.path.join(base, "Annotations", name + ".xml"))
             ids.append(name)
         with open(os.path.join(base, "ImageSets", "Main", split + ".txt"), "w") as f:
@@ -388,9 +332,8 @@ def write_minivoc(root, n_train=960, n_test=240, seed=0):
 
 
 def check_voc_folder(root, image_set, minivoc):
-    """core.DataError with one line naming the path and the fix when root/VOCdevkit/VOC2007 is not the dataset
-    the flags ask for (minivoc where VOC 2007 is expected), lacks the image set's list (a partly extracted
-    VOC), lists no image, or lists an image or annotation that is absent."""
+    """core.DataError naming the path and the fix when root/VOCdevkit/VOC2007 is not the dataset the flags ask
+    for, lacks the image set's list, lists no image, or lists an image or annotation that is absent."""
     base = os.path.join(os.path.abspath(root), "VOCdevkit", "VOC2007")
     hint = (f"delete {base} to have minivoc written again" if minivoc else
             f"extract VOCtrainval_06-Nov-2007.tar (train, val, trainval) and VOCtest_06-Nov-2007.tar (test) under "
@@ -406,30 +349,26 @@ def check_voc_folder(root, image_set, minivoc):
     if not ids:
         raise core.DataError(f"{listing} lists no image: {hint}")
     for name in ids:
-        for folder, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
-            if not os.path.isfile(os.path.join(base, folder, name + ext)):
-                raise core.DataError(f"{os.path.join(base, folder, name + ext)} is listed in {listing} but absent: "
-                                     f"{hint}")
+        for path in (os.path.join(base, "JPEGImages", name + ".jpg"), os.path.join(base, "Annotations", name + ".xml")):
+            if not os.path.isfile(path):
+                raise core.DataError(f"{path} is listed in {listing} but absent: {hint}")
 
 
 class VOCData(torch.utils.data.Dataset):
-    """torchvision VOCDetection (year 2007) as (image tensor, target, index) with
-    target = dict(boxes [G, 4] xyxy in original 1-based VOC pixels, labels [G], difficult [G], size (H, W)).
-    A malformed annotation (unparsable XML, unknown class, xmax <= xmin) raises core.DataError naming the file."""
+    """torchvision VOCDetection (2007) as (image, target, index), target = dict(boxes [G, 4] xyxy in 1-based VOC
+    pixels, labels, difficult, size (H, W)); a malformed annotation raises core.DataError naming the file."""
 
     def __init__(self, root, image_set, classes, transform, download=False, indices=None):
         where = f"{os.path.abspath(root)}/VOCdevkit/VOC2007"
-        try:
-            self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set)
-        except RuntimeError:
-            if not download:
-                raise core.DataError(f"VOC2007 {image_set} not found under {where}") from None
+        for attempt in (False, True) if download else (False,):
             try:
-                self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set, download=True)
-            except Exception as e:
-                raise core.DataError(f"VOC2007 {image_set} not found under {where} and the download failed "
-                                     f"({type(e).__name__}); extract VOCtrainval_06-Nov-2007.tar and "
-                                     f"VOCtest_06-Nov-2007.tar under {os.path.abspath(root)}") from None
+                self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set, download=attempt)
+                break
+            except Exception as e:  # absent (RuntimeError), or the download failed
+                if attempt or not download:
+                    raise core.DataError(f"VOC2007 {image_set} not found under {where}{' and the download failed' * attempt}"
+                                         f" ({type(e).__name__}); extract VOCtrainval_06-Nov-2007.tar and "
+                                         f"VOCtest_06-Nov-2007.tar under {os.path.abspath(root)}") from None
         self.classes, self.transform = classes, transform
         # indices: the images of the image set this dataset holds (a validation carve-out), all when None
         self.ids = list(range(len(self.voc))) if indices is None else list(indices)
@@ -482,9 +421,8 @@ class VOCData(torch.utils.data.Dataset):
 
 
 class CropKeepingBoxes(v2.Transform):
-    """Random crop that contains every box: a scale, aspect and translation jitter that loses no object
-    and cuts none (--crop S: each side keeps a uniform fraction in [S, 1] of the image, at least the
-    span of the boxes, at a uniform position that keeps them all inside)."""
+    """Random crop that keeps every box whole: each side a uniform fraction in [S, 1] of the image (at least the
+    boxes' span), at a uniform position that keeps them all inside."""
 
     def __init__(self, min_side):
         super().__init__()
@@ -508,9 +446,8 @@ class CropKeepingBoxes(v2.Transform):
 
 
 def build_data(args):
-    """(train, val, test, classes). Validation: VOC 2007's official val image set (training on its
-    train set), or for minivoc 20% of trainval carved with a fixed seed; both read with the test
-    transform. --final trains on trainval and has no validation set (val None)."""
+    """(train, val, test, classes). Validation: VOC 2007's val set (training on train), or minivoc's 20% of
+    trainval carved with a fixed seed, read with the test transform; --final: train on trainval, val None."""
     classes = DIGIT_CLASSES if args.dataset == "minivoc" else VOC_CLASSES
     if args.dataset == "minivoc":
         write_minivoc(args.data)
@@ -520,8 +457,7 @@ def build_data(args):
     crop = [CropKeepingBoxes(args.crop)] if args.crop else []
     train_tf = v2.Compose([flip] + crop + [v2.Resize(size, antialias=True)] + norm)
     test_tf = v2.Compose([v2.Resize(size, antialias=True)] + norm)
-    download = args.dataset == "voc2007"
-    final = args.final
+    download, final = args.dataset == "voc2007", args.final
     if args.dataset == "minivoc" or os.path.isdir(os.path.join(args.data, "VOCdevkit", "VOC2007")):
         for image_set in ("trainval", "test") if final or args.dataset == "minivoc" else ("train", "val", "test"):
             check_voc_folder(args.data, image_set, args.dataset == "minivoc")
@@ -543,8 +479,7 @@ def collate(batch):
 
 # ---- Model ---------------------------------------------------------------------------------------
 def build_tiny(stride):
-    """A small CNN for CPU quickstarts (random init only): log2(stride) stages of 3x3 conv with
-    stride 2, BatchNorm and ReLU, with 32, 64, 128, 256, 256 channels."""
+    """A small CNN for CPU quickstarts: log2(stride) stages of 3x3 conv (stride 2, 32/64/128/256/256), BN, ReLU."""
     layers, c_in = [], 3
     for c in [32, 64, 128, 256, 256][:int(math.log2(stride))]:
         layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
@@ -553,14 +488,11 @@ def build_tiny(stride):
 
 
 def pretrain_tiny(path, stride, samples=24000, epochs=8, size=32, bs=128, lr=2e-3, seed=0):
-    """minivoc's stand-in for ImageNet weights (the paper fine-tunes a pretrained backbone): the tiny
-    trunk, with global average pooling and a linear classifier on top, learns to classify single
-    digits of the digits *train* split (minivoc's test canvases use the held-out digits, never seen
-    here), each pasted at size / 4 to 7 size / 8 px (8-28 px) onto a size x size canvas with
-    minivoc's noise and strokes. `samples` canvases, `epochs` epochs, AdamW with a one-cycle lr; the
-    trunk's state dict is saved atomically to `path` (the classifier is dropped). Seeded, isolated from the
-    caller's RNG, and trained on one thread whatever the caller's count, so every machine with the same torch
-    build and CPU kind gets the same trunk. Returns the accuracy on 2000 fresh canvases of the train digits."""
+    """minivoc's stand-in for ImageNet weights: the tiny trunk + pooling + a linear layer classify single *train*
+    digits (minivoc's test canvases use the held-out ones) pasted at 8-28 px on 32 px canvases with minivoc's
+    clutter; AdamW, one-cycle lr; the trunk's state dict is saved atomically to `path`. Seeded, isolated from the
+    caller's RNG and on one thread, so every machine with the same torch build and CPU kind gets the same trunk.
+    Returns the accuracy on 2000 fresh canvases of the train digits."""
     (images, labels), _ = core.digits_split()
     rng = np.random.default_rng(seed)
 
@@ -575,16 +507,13 @@ def pretrain_tiny(path, stride, samples=24000, epochs=8, size=32, bs=128, lr=2e-
         x = torch.from_numpy(x / 255.0)[:, None].expand(-1, 3, -1, -1)
         return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD), torch.from_numpy(y)
 
-    x, y = render(samples)
-    x_val, y_val = render(2000)
-    threads = torch.get_num_threads()
+    (x, y), (x_val, y_val), threads = render(samples), render(2000), torch.get_num_threads()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         torch.set_num_threads(1)  # a multi-threaded conv sums in another order: the trunk would depend on the machine
         trunk, channels = build_tiny(stride)
         net = nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
-        optimizer = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
-        steps = samples // bs
+        optimizer, steps = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4), samples // bs
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps)
         for _ in tqdm(range(epochs), desc="pretraining the tiny backbone on digits", leave=False):
             net.train()
@@ -605,8 +534,7 @@ def pretrain_tiny(path, stride, samples=24000, epochs=8, size=32, bs=128, lr=2e-
 
 
 def tiny_weights(args):
-    """--backbone tiny on minivoc without --weights or --no-pretrained: the digits-pretrained trunk,
-    written once under --data (as torchvision caches a download) by pretrain_tiny."""
+    """The digits-pretrained tiny trunk, written once under --data by pretrain_tiny (as a download is cached)."""
     path = os.path.join(args.data, f"tiny_digits_stride{args.stride}.pth")
     if not os.path.isfile(path):
         accuracy = pretrain_tiny(path, args.stride)
@@ -616,9 +544,8 @@ def tiny_weights(args):
 
 
 def build_resnet(name, weights_file=None, pretrained=True, stride=32):
-    """torchvision ResNet trunk with ImageNet weights from torchvision's download, a local state dict
-    (--weights), or random init; up to layer4 (stride 32, the paper), layer3 (16) or layer2 (8).
-    tiny: build_tiny, random init or a local state dict of its trunk (--weights)."""
+    """torchvision ResNet trunk (or build_tiny's) with ImageNet weights, a local state dict (--weights) or random
+    init, up to layer4 (stride 32, the paper), layer3 (16) or layer2 (8)."""
     if name == "tiny":
         trunk, channels = build_tiny(stride)
         if weights_file:
@@ -638,37 +565,14 @@ def build_resnet(name, weights_file=None, pretrained=True, stride=32):
     return nn.Sequential(*list(net.children())[:-2 - drop]), net.fc.in_features // 2 ** drop
 
 
-def freeze_batchnorm(module):
-    """Replace every BatchNorm2d in `module` by torchvision's FrozenBatchNorm2d with the same affine weights and
-    running statistics (DETR's backbone): fixed buffers, nothing trained, the same output in train and eval."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = torchvision.ops.FrozenBatchNorm2d(child.num_features, child.eps)
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, key).copy_(getattr(child, key).detach())
-            setattr(module, name, frozen)
-        else:
-            freeze_batchnorm(child)
-
-
-def at_least_fp32(x):
-    """x in fp32, or in its own dtype if wider (losses under bf16 autocast; float64 in the gradient tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def sine_encoding(xy, dim):
-    """DETR's 2-D sine encoding of points xy [N, 2] (x, y in [0, 1]) -> [N, dim]: half the channels
-    encode y, half x."""
+def sine_position(h, w, dim, device):
+    """DETR's 2-D sine encoding (half the channels y, half x) of an h x w grid's centres, row-major: [h * w, dim]."""
+    ys, xs = ((torch.arange(n, device=device).float() + 0.5) / n for n in (h, w))
+    xy = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
     quarter = dim // 4
-    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=xy.device) / quarter))
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=device) / quarter))
     ay, ax = (xy[:, 1:2] * 2 * torch.pi * freqs), (xy[:, 0:1] * 2 * torch.pi * freqs)
     return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], -1)
-
-
-def sine_position(h, w, dim, device):
-    """Sine encoding of the centres of an h x w grid, row-major: [h * w, dim]."""
-    ys, xs = ((torch.arange(n, device=device).float() + 0.5) / n for n in (h, w))
-    return sine_encoding(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2), dim)
 
 
 class ImageMemory(nn.Module):
@@ -677,8 +581,8 @@ class ImageMemory(nn.Module):
     def __init__(self, name, dim, weights_file=None, pretrained=True, stride=32, frozen_bn=False):
         super().__init__()
         self.trunk, channels = build_resnet(name, weights_file, pretrained, stride)
-        if frozen_bn:
-            freeze_batchnorm(self.trunk)
+        if frozen_bn:  # DETR's FrozenBatchNorm2d: the weights' statistics, nothing trained
+            self.trunk = freeze_batch_norm_2d(self.trunk)
         self.proj = nn.Conv2d(channels, dim, 1)
 
     def forward(self, x):
@@ -688,10 +592,8 @@ class ImageMemory(nn.Module):
 
 
 class FlowBlock(nn.Module):
-    """v_k for M slots: a transformer decoder layer (self-attention over slots, cross-attention to the
-    memory, FFN; LayerNorm only) on z_t + e_t + slot query, then a linear map to the velocity.
-    z: [B, M, d], memory: [B, N, d], t: [B], query: [M, d] or [B, M, d] (the detector's slot queries;
-    None: this block's own only) -> [B, M, d]."""
+    """v_k for M slots: a pre-norm transformer decoder layer on z_t + e_t + slot query, then a linear map.
+    z [B, M, d], memory [B, N, d], t [B], query [M, d]: the detector's shared queries (None: own only)."""
 
     def __init__(self, dim, slots, nheads, ffn, dropout, own_query=True):
         super().__init__()
@@ -708,8 +610,7 @@ class FlowBlock(nn.Module):
 
 
 class FlowDetector(nn.Module):
-    """Backbone memory + T flow blocks + target embeddings (W_class, W_box) + shared decoders.
-    queries: [M, d] slot queries shared by every block (--queries shared), or None (each block its own)."""
+    """Backbone memory + T flow blocks + targets (W_class, W_box) + shared decoders; queries: [M, d] or None."""
 
     def __init__(self, memory, blocks, num_classes, dim, guard=True, queries=None, predict="velocity", z0_std=1.0):
         super().__init__()
@@ -735,26 +636,21 @@ class FlowDetector(nn.Module):
 
     def decode(self, z):
         """Class logits [B, M, C + 1] and sigmoid cxcywh boxes [B, M, 4] of any latent."""
-        return at_least_fp32(self.class_head(z)), at_least_fp32(self.box_head(z)).sigmoid()
+        return core.at_least_fp32(self.class_head(z)), core.at_least_fp32(self.box_head(z)).sigmoid()
 
     def velocity(self, k, z, feats, t):
-        """v_k(z_t, t). predict 'velocity': the block's output; 'refine': the block reads the guess
-        c_skip(t) z_t, its output f corrects it, z1_hat = c_skip(t) z_t + f and v = (z1_hat - z_t) / (1 - t),
-        the same field parametrised so that z_t + (1 - t) v = z1_hat exactly."""
+        """v_k(z_t, t): the block's output, or (refine) v = (z1_hat - z_t) / (1 - t) with z1_hat = c_skip(t) z_t + f,
+        f the block's output on the guess c_skip(t) z_t."""
         if self.predict == "velocity":
             return self.heads[k](z, feats[0], t, self.queries)
         guess = self.skip(t) * z
         return (guess + self.heads[k](guess, feats[0], t, self.queries) - z) / (1 - t).view(-1, 1, 1)
 
     def skip(self, t):
-        """--predict refine: c_skip(t) [B, 1, 1] of EDM (Karras et al. 2022) for z_t = t z1 + (1 - t) z0,
-        z0 ~ N(0, s0^2) (s0 = --z0-std), targets of unit variance per coordinate (W_class starts N(0, 1)
-        and stays there under the guard): c_skip z_t is the least-squares linear estimate of z1 from z_t.
-        At t = 0 it is 0 and the block predicts z1 alone; later the identity path hands the block the
-        running estimate (on the Euler path z_t / t is a weighted mean of the earlier blocks' endpoints
-        plus noise), so a block refines it by default, as a residual layer of bp's decoder does. EDM's
-        c_out is left out (1): on the Euler path what a block must correct is the earlier blocks'
-        error, far larger than the z0 noise c_out is sized for."""
+        """--predict refine: EDM's c_skip(t) [B, 1, 1] (Karras et al. 2022) for z0 ~ N(0, s0^2), unit-variance
+        targets: c_skip z_t is the least-squares estimate of z1 (0 at t = 0), so a block refines the running
+        estimate, as a residual layer of bp's decoder. No c_out: it is sized for the z0 noise, not for the error
+        of earlier blocks a block corrects on the Euler path."""
         t = t.view(-1, 1, 1).float()
         return t / (t ** 2 + (1 - t) ** 2 * self.z0_std ** 2)
 
@@ -768,21 +664,18 @@ class DETRBaseline(nn.Module):
 
     def __init__(self, memory, num_classes, dim, slots, nheads, ffn, dropout, T):
         super().__init__()
-        self.backbone = memory
-        self.queries = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        self.backbone, self.queries = memory, nn.Parameter(torch.randn(slots, dim) * 0.02)
         self.layers = nn.ModuleList(nn.TransformerDecoderLayer(dim, nheads, ffn, dropout, batch_first=True,
                                                                norm_first=True) for _ in range(T))
-        self.norm = nn.LayerNorm(dim)
+        self.norm, self.num_classes = nn.LayerNorm(dim), num_classes
         self.class_head, self.box_head = nn.Linear(dim, num_classes + 1), nn.Linear(dim, 4)
-        self.num_classes = num_classes
 
     def decode(self, h):
         h = self.norm(h)
-        return at_least_fp32(self.class_head(h)), at_least_fp32(self.box_head(h)).sigmoid()
+        return core.at_least_fp32(self.class_head(h)), core.at_least_fp32(self.box_head(h)).sigmoid()
 
     def forward(self, x, every_layer=False):
-        """(logits, boxes) of the last layer, or with every_layer a list of them after each layer
-        (DETR's auxiliary decoding losses)."""
+        """(logits, boxes) of the last layer, or with every_layer after each layer (DETR's auxiliary losses)."""
         memory = self.backbone(x)[0]
         h = self.queries[None].expand(x.shape[0], -1, -1)
         outs = []
@@ -807,9 +700,8 @@ def build_model(args, num_classes):
 
 # ---- Targets, coupling and the matching loss -----------------------------------------------------
 def slot_targets(targets, slots, num_classes, device):
-    """Per image: the first `slots` objects (annotation order) and background elsewhere.
-    Returns classes [B, M] (background = C), boxes [B, M, 4] (zeros for background) and the number
-    of images that had more objects than slots."""
+    """Per image the first `slots` objects, background (class C, zero box) elsewhere: classes [B, M], boxes
+    [B, M, 4] and the number of images with more objects than slots."""
     classes = torch.full((len(targets), slots), num_classes, dtype=torch.long)
     boxes = torch.zeros(len(targets), slots, 4)
     overflow = 0
@@ -844,33 +736,6 @@ def reorder_slots(assignments, classes, num_classes, *tensors):
     return out
 
 
-def assign_slots(classes, num_classes, cost):
-    """Per image, (slot_idx, obj_idx) minimising cost(i, objects) -> [M, G] (scipy's
-    linear_sum_assignment), objects being the indices of image i's object slots."""
-    objects = object_slots(classes, num_classes)
-    return hungarian([cost(i, obj).detach().float().cpu().numpy() for i, obj in enumerate(objects)])
-
-
-def ot_coupling(z0, z1, classes, boxes, num_classes):
-    """--coupling ot: each image's objects go to the slots whose noise is closest (min total squared
-    distance), so each slot's straight path is short."""
-    assignments = assign_slots(classes, num_classes, lambda i, obj: torch.cdist(z0[i].float(), z1[i, obj].float()) ** 2)
-    return reorder_slots(assignments, classes, num_classes, z1, boxes)
-
-
-@torch.no_grad()
-def match_coupling(model, k, memory, z0, z1, classes, boxes):
-    """--coupling match: each image's objects go to the slots that block k, started from z0 at t = 0
-    (the first inference step), would predict them in: DETR's Hungarian matching (class 1, L1 5,
-    GIoU 2) of that prediction to the slot targets. Slot j's path then ends at the object slot j
-    would find, so the flow loss and the set loss agree on who owns which object. (With
-    --train-path euler the match is made on block k's own prediction at its Euler state instead.)"""
-    t0 = torch.zeros(len(z0), device=z0.device)
-    logits, pred = model.decode(z0 + model.velocity(k, z0, [memory], t0).float())
-    return reorder_slots(slot_matches(logits, pred, classes, boxes, model.num_classes), classes, model.num_classes,
-                         z1, boxes)
-
-
 def slot_matches(logits, pred_boxes, classes, boxes, num_classes):
     """Per image, (slot_idx, obj_idx): Hungarian matching (match_cost) of the predictions to the
     image's slot targets (classes [B, M] with num_classes = none, boxes [B, M, 4])."""
@@ -887,9 +752,8 @@ def match_cost(prob, boxes, gt_labels, gt_boxes):
 
 @torch.no_grad()
 def match_costs(logits, boxes, gt_labels, gt_boxes):
-    """match_cost of every image of a batch in one computation (DETR's trick: all predictions against
-    all objects of the batch, then each image keeps its own block). logits [B, M, C + 1], boxes
-    [B, M, 4]; gt_labels, gt_boxes: per image [G_i], [G_i, 4]. Returns per image a [M, G_i] array."""
+    """match_cost of every image in one computation (DETR's trick: all predictions against all objects, each
+    image keeps its block). logits [B, M, C + 1], boxes [B, M, 4]; per image gt [G_i], [G_i, 4] -> [M, G_i]."""
     sizes = [len(labels) for labels in gt_labels]
     batch, slots = logits.shape[:2]
     if sum(sizes) == 0:
@@ -911,12 +775,10 @@ def hungarian_match(logits, boxes, targets):
 
 
 def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=0.1, norms=None):
-    """DETR's loss once every slot has its target: CE over all slots (no-object weighted 0.1), L1 x 5
-    and GIoU x 2 summed over the slots that hold an object and divided, as DETR's SetCriterion does,
-    by num_boxes: the number of ground-truth boxes in the batch, matched or not (an image with more
-    objects than slots leaves some unmatched). norms: (num_boxes, CE weight) from `loss_normalisers`; None:
-    the number of slots that hold an object, and the CE's own weighted mean over the slots.
-    target_classes [B, M] (num_classes = no object), target_boxes [B, M, 4] cxcywh."""
+    """DETR's loss once every slot has its target [B, M] (num_classes = none) / [B, M, 4]: CE over all slots
+    (no-object weighted 0.1), L1 x 5 and GIoU x 2 over the object slots divided, as DETR's SetCriterion, by the
+    batch's ground-truth boxes, matched or not. norms: (num_boxes, CE weight) from `loss_normalisers`; None: the
+    object slots, and the CE's own weighted mean."""
     num_boxes, ce_weight = norms or (None, None)
     weight = torch.ones(num_classes + 1, device=logits.device, dtype=logits.dtype)
     weight[num_classes] = eos_coef
@@ -934,11 +796,9 @@ def set_loss(logits, boxes, target_classes, target_boxes, num_classes, eos_coef=
 
 
 def loss_normalisers(targets, slots, eos_coef=0.1):
-    """(num_boxes, CE weight) of `set_loss`: the ground-truth boxes of the batch (DETR's normaliser of the box
-    losses), and, under torchrun, the CE's weight sum (objects 1, no-object eos_coef; each image fills
-    min(objects, slots) slots), both averaged over processes. With the gradients averaged over processes, N
-    processes at batch b then train on what one process sees at N b (DETR all-reduces num_boxes; its CE keeps a
-    per-process mean). One all-reduce per step, from train_step; one process: (count, None)."""
+    """(num_boxes, CE weight) of `set_loss`: the batch's ground-truth boxes and, under torchrun, the CE's weight
+    sum (objects 1, no-object eos_coef), both averaged over processes, so N processes at batch b train as one at
+    N b (DETR all-reduces num_boxes only). One all-reduce per step; one process: (count, None)."""
     count = sum(len(t["labels"]) for t in targets)
     if core.world_size() == 1:
         return count, None
@@ -961,10 +821,8 @@ def detection_loss(logits, boxes, targets, num_classes, eos_coef=0.1, norms=None
 
 @torch.no_grad()
 def euler_states(model, feats, z0, last):
-    """--train-path euler: [z0, z_(1/T), ..., z_(last/T)], the states at which inference hands the
-    latent to blocks 0..last (blocks 0..last-1 take their Euler steps with their current weights,
-    no gradient, dropout off as at inference). One trajectory per batch serves every block of the
-    parallel schedule."""
+    """--train-path euler: [z0, z_(1/T), ..., z_(last/T)], the states at which inference hands the latent to
+    blocks 0..last (Euler steps with the current weights, no gradient, dropout off as at inference)."""
     training = model.heads.training
     model.heads.eval()  # dropout off, as at inference: the states are the ones inference visits
     _, path = core.integrate(lambda j, z, t: model.velocity(j, z, feats, t), z0, model.T, stop=last,
@@ -974,15 +832,11 @@ def euler_states(model, feats, z0, last):
 
 
 def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
-    """--train-path euler: block k trains where inference puts it, at the state z = z_(k/T)
-    (euler_states), regressing the straight path from z to z1, u = (z1 - z) / (1 - t). Gradients never
-    cross blocks: z carries none. match (--coupling match): first each object moves to the slot whose
-    prediction Hungarian-matches it (slot_matches on z1_hat's decoding), z1, classes and boxes alike.
-    Returns (mse, z1_hat = z + (1 - t) v, classes, boxes); with --predict refine the mse is
-    ||z1_hat - z1||^2, with velocity ||v - u||^2. z1_hat does not depend on the targets W_class, W_box
-    here (z comes from the blocks, not from z1), so with the guard (default: the mse sees z1 through a
-    stop-gradient) they stay at their random init, a fixed random code for each class and box
-    coordinate; --no-guard lets the mse move them."""
+    """--train-path euler: block k trains at the state z = z_(k/T) inference gives it (euler_states; z carries
+    no gradient), regressing the straight path from z to z1. match (--coupling match): first each object moves to
+    the slot whose prediction Hungarian-matches it, z1, classes and boxes alike. Returns (mse, z1_hat = z +
+    (1 - t) v, classes, boxes); mse ||z1_hat - z1||^2 for refine, ||v - u||^2 for velocity. z1_hat does not
+    depend on W_class, W_box here, so under the guard they keep their random init (--no-guard: the mse moves them)."""
     t = k / model.T
     z1_hat = z + (1 - t) * model.velocity(k, z, feats, torch.full((len(z),), t, device=z.device))
     if match:
@@ -991,33 +845,25 @@ def euler_path_loss(model, k, feats, z, z1, classes, boxes, match=False):
                                                classes, model.num_classes, z1, boxes)
     target = z1.detach() if model.guard else z1
     scale = 1.0 if model.predict != "velocity" else 1 / (1 - t)  # z1_hat - z1 = (1 - t)(v - u)
-    return (at_least_fp32(z1_hat - target) * scale).pow(2).mean(), z1_hat, classes, boxes
+    return (core.at_least_fp32(z1_hat - target) * scale).pow(2).mean(), z1_hat, classes, boxes
 
 
-def block_loss(model, k, feats, targets, slots, args, z0, u=None, path=None, norms=None):
-    """Loss of flow block k: flow_weight x flow MSE + detection loss on the decoded z1_hat.
-    slots: (classes [B, M], boxes [B, M, 4]) from slot_targets, built once per batch. z0 [B, M, d]: the
-    block's noise (model.noise), u [B] its U[0, 1) draw of t (fresh when None). path: with --train-path
-    euler the batch's euler_states (computed here when None)."""
+def block_loss(model, k, feats, targets, slots, args, z0, u, path=None, norms=None):
+    """Loss of flow block k: flow_weight x flow MSE + detection loss of the decoded z1_hat. slots: slot_targets'
+    (classes, boxes). z0 [B, M, d]: the block's noise, u [B] its t on the straight-line path. path: on the Euler
+    path the batch's euler_states (computed here when None)."""
     classes, boxes = slots
     euler = args.train_path == "euler"
     z1 = model.targets(classes, boxes)
-    if args.coupling == "ot":
-        classes, z1, boxes = ot_coupling(z0, z1, classes, boxes, model.num_classes)
-    elif args.coupling == "match" and not euler:
-        classes, z1, boxes = match_coupling(model, k, feats[0], z0, z1, classes, boxes)
     if euler:
         z = (path or euler_states(model, feats, z0, k))[k]
         mse, z1_hat, classes, boxes = euler_path_loss(model, k, feats, z, z1, classes, boxes, args.coupling == "match")
-    else:
-        t = core.sample_t(len(z1), k, model.T, False, z1.device, u=u)
-        mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, k, model.T, detach_target=model.guard,
-                                              z0=z0, t=t, weight=(1 - t) ** 2 if model.predict != "velocity" else None)
+    else:  # the paper's: velocity, objects in annotation order (check_flags)
+        mse, z1_hat = core.flow_matching_loss(model.head(k), feats[0], z1, z0, u, detach_target=model.guard)
     logits, pred_boxes = model.decode(z1_hat)
     overflow = any(len(t["labels"]) > args.slots for t in targets)
-    # match on the Euler path: the slot targets are the Hungarian matching of z1_hat already, so the set
-    # loss uses them; an image with more objects than slots holds only its first M there, so such a batch
-    # (and every other coupling) takes the Hungarian loss over all objects
+    # match: the slot targets are the Hungarian matching of z1_hat already; a batch with an image of more than M
+    # objects (and the index coupling) takes the Hungarian loss over all objects
     if euler and args.coupling == "match" and not overflow:
         return args.flow_weight * mse + set_loss(logits, pred_boxes, classes, boxes, model.num_classes,
                                                  norms=norms or loss_normalisers(targets, args.slots))
@@ -1042,23 +888,19 @@ def postprocess(logits, boxes, sizes, score_thresh=0.05, nms_iou=0.5):
 
 
 @torch.no_grad()
-def predict(model, x, index, args, steps=None, return_path=False, mode="euler", feats=None, start=None):
-    """fm: Euler over T steps from per-image seeded z0 (block k on step k), or with mode='ensemble'
-    the mean of the T single-step estimates z0 + v_k(z0, 0) (eqs. 27-28); bp: one forward.
-    feats: the backbone's memory of x when already computed. start: 'noise' (the paper: z0 a seeded draw
-    of N(0, s0^2)) or 'mean' (z0 = 0, the noise's mean: a deterministic prediction); None: --z0-infer.
-    Returns (logits, boxes), or with return_path the decoded latent after every Euler step."""
+def predict(model, x, index, args, return_path=False, mode="euler", feats=None, start=None):
+    """fm: Euler over T steps (block k on step k), or mode='ensemble' the mean of the T single steps (eqs.
+    27-28), from start 'noise' (z0 seeded per image) or 'mean' (z0 = 0); None: --z0-infer. bp: one forward.
+    feats: x's memory if computed. Returns (logits, boxes), or with return_path those after every Euler step."""
     if args.method == "bp":
         return model(x)
     feats = model.backbone(x) if feats is None else feats
-    if (start or args.z0_infer) == "noise":
-        z0 = model.noise(core.noise_for(index, (args.slots, model.dim), args.seed, x.device))
-    else:  # no draw to make
-        z0 = torch.zeros(len(x), args.slots, model.dim, device=x.device)
+    z0 = (model.noise(core.noise_for(index, (args.slots, model.dim), args.seed, x.device))
+          if (start or args.z0_infer) == "noise" else torch.zeros(len(x), args.slots, model.dim, device=x.device))
     velocity = lambda k, z, t: model.velocity(k, z, feats, t).float()  # noqa: E731
     if mode == "ensemble":
         return model.decode(core.ensemble(velocity, z0, model.T))
-    z, path = core.integrate(velocity, z0, model.T, steps, return_path=True)
+    z, path = core.integrate(velocity, z0, model.T, return_path=True)
     return [model.decode(p) for p in path] if return_path else model.decode(z)
 
 
@@ -1072,12 +914,10 @@ def all_gather(items):
 
 
 def evaluate(model, loader, args, device, num_classes):
-    """map50 / map50_area with the paper's Euler inference from --z0-infer's start; fm also
-    map50_ensemble (single steps averaged) and the Euler map50 from the other start (map50_noise or
-    map50_mean)."""
+    """map50 / map50_area of Euler inference from --z0-infer's start; fm also map50_ensemble and Euler from the
+    other start (map50_noise or map50_mean)."""
     model.eval()
-    chosen = args.z0_infer
-    other = {"noise": "mean", "mean": "noise"}[chosen]
+    chosen, other = args.z0_infer, {"noise": "mean", "mean": "noise"}[args.z0_infer]
     modes = [("euler", chosen)] + ([("ensemble", chosen), ("euler", other)] if args.method == "fm" else [])
     dets, gts = {m: [] for m in modes}, []
     for x, targets, index in loader:
@@ -1102,31 +942,23 @@ def evaluate(model, loader, args, device, num_classes):
 # ---- Training ------------------------------------------------------------------------------------
 def train_step(model, forward, batch, blocks, noise_key, args, device):
     """One batch (x, targets, index), no optimiser step; returns the losses. fm: the backbone once, then
-    core.blockwise_backward over `blocks` with block_loss; with --train-path euler one Euler trajectory
-    (block 0's noise) serves every block. bp: the matching loss after every decoder layer (DETR's
-    auxiliary losses; --no-aux-loss: the last only), one joint backward. Noise per sample from
-    core.train_noise keyed by (*noise_key, block); fresh draws when index or noise_key is None.
-    forward: the DDP wrapper of the backbone (fm) or model (bp) under torchrun, else None."""
+    core.blockwise_backward over `blocks` (block_loss; on the Euler path one trajectory from block 0's noise
+    serves every block), noise from core.train_noise keyed by (*noise_key, block). bp: the matching loss after
+    every decoder layer (--no-aux-loss: the last only). forward: the DDP wrapper under torchrun, else None."""
     x, targets, index = batch
     x = x.to(device, non_blocking=True)
     norms = loss_normalisers(targets, args.slots)  # the set loss's normalisers, over all processes
     with core.autocast(device, args.amp):
         if args.method == "bp":
             outs = (forward or model)(x, every_layer=True) if args.aux_loss else [(forward or model)(x)]
-            loss = sum(detection_loss(logits, boxes, targets, model.num_classes, norms=norms)
-                       for logits, boxes in outs)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise core.NonFiniteLoss("bp", value)
-            loss.backward()
-            return {"loss": value}
+            return core.joint_backward(sum(detection_loss(logits, boxes, targets, model.num_classes, norms=norms)
+                                           for logits, boxes in outs))
         feats = (forward or model.backbone)(x)
         slots = slot_targets(targets, args.slots, model.num_classes, x.device)[:2]
 
         def noise(k):  # (z0 [B, M, d], u [B]) of block k
-            if index is None or noise_key is None:
-                return model.noise(torch.randn(len(x), args.slots, model.dim, device=device)), None
-            draw, u = core.train_noise(index, (*noise_key, k), (args.slots, model.dim), device)
+            key = None if noise_key is None else (*noise_key, k)
+            draw, u = core.train_noise(index, key, (args.slots, model.dim), device, n=len(x))
             return model.noise(draw), u
         path = euler_states(model, feats, noise(0)[0], max(blocks)) if args.train_path == "euler" else None
 
@@ -1139,14 +971,10 @@ def train_step(model, forward, batch, blocks, noise_key, args, device):
 
 def summary(record):
     """The per-epoch line: validation map50 (and fm's other read-outs), test at the end."""
-    def maps(prefix):
-        if f"{prefix}map50" not in record:
-            return ""
-        names = ("map50", "map50_area", "map50_ensemble", "map50_noise", "map50_mean")
-        return " ".join(f"{n} {record[prefix + n]:.4f}" for n in names if prefix + n in record)
-    parts = [f"loss {record['loss']:.4f}"] + [f"{name} {text}" for name, text in (("val", maps("val_")),
-                                                                                  ("TEST", maps(""))) if text]
-    return " | ".join(parts)
+    names = ("map50", "map50_area", "map50_ensemble", "map50_noise", "map50_mean")
+    parts = [f"{title} " + " ".join(f"{n} {record[prefix + n]:.4f}" for n in names if prefix + n in record)
+             for title, prefix in (("val", "val_"), ("TEST", "")) if prefix + "map50" in record]
+    return " | ".join([f"loss {record['loss']:.4f}"] + parts)
 
 
 def check_flags(args):
@@ -1156,6 +984,9 @@ def check_flags(args):
             sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
     if args.method == "bp" and args.mode == "sequential":
         sys.exit("error: --mode sequential trains flow heads one at a time; it does not apply to --method bp")
+    if args.method == "fm" and args.train_path == "line" and (args.coupling, args.predict) != ("index", "velocity"):
+        sys.exit("error: --train-path line is the paper's path: it takes --coupling index and --predict velocity "
+                 "(match and refine train on the Euler path, --train-path euler)")
     if args.method == "fm" and args.predict == "refine" and args.z0_std <= 0:
         sys.exit("error: --predict refine needs noise (--z0-std > 0): c_skip(0) is 0 / 0 without it")
     if not 0 <= args.crop <= 1:
@@ -1167,21 +998,17 @@ def main(args):
     core.seed_everything(args.seed)
     check_flags(args)
     try:
-        train_set, val_set, test_set, classes = main_first(prepare_data, args)  # written / downloaded once
+        train_set, val_set, test_set, classes = prepare_data(args)  # written / downloaded once
         model = build_model(args, len(classes)).to(device)
         overflow = sum(len(train_set.dataset.annotation(i)["labels"]) > args.slots for i in range(len(train_set)))
     except (core.DataError, core.WeightsError) as e:
         sys.exit(f"error: {e}")
-    loaders = {}
-    for name, data in (("val", val_set), ("test", test_set)):
-        if data is not None and args.eval_limit:
-            data = torch.utils.data.Subset(data, range(min(args.eval_limit, len(data))))
-        if data is not None:
-            loaders[name] = torch.utils.data.DataLoader(core.shard(data), max(args.bs, 8), shuffle=False,
-                                                        num_workers=args.workers, collate_fn=collate,
-                                                        pin_memory=device.type == "cuda")
-    backbone = list(model.backbone.trunk.parameters())
-    ids = {id(p) for p in backbone}
+    sets = {name: torch.utils.data.Subset(data, range(min(args.eval_limit, len(data)))) if args.eval_limit else data
+            for name, data in (("val", val_set), ("test", test_set)) if data is not None}
+    loaders = {name: torch.utils.data.DataLoader(core.shard(data), max(args.bs, 8), shuffle=False, collate_fn=collate,
+                                                 num_workers=args.workers, pin_memory=device.type == "cuda")
+               for name, data in sets.items()}
+    backbone, ids = list(model.backbone.trunk.parameters()), {id(p) for p in model.backbone.trunk.parameters()}
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if id(p) not in ids], "lr": args.lr},
                                    {"params": backbone, "lr": args.lr_backbone}], weight_decay=args.wd,
                                   fused=device.type == "cuda", foreach=device.type != "cuda")  # fewest kernels
@@ -1205,27 +1032,13 @@ def main(args):
 
 def prepare_data(args):
     """build_data, and the digits-pretrained tiny trunk where --backbone tiny needs it (into args.weights), holding
-    --data's lock: what writes files under --data (minivoc, VOC's download, the trunk) does it once, and a run
-    started beside another on the same fresh --data waits for it, then reuses what it wrote."""
+    --data's lock: what writes files under --data (minivoc, VOC's download, the trunk) does it once, and a run or
+    torchrun rank started beside another on the same fresh --data waits for it, then reuses what it wrote."""
     with core.data_lock(args.data):
         data = build_data(args)
         if args.backbone == "tiny" and not (args.weights or args.no_pretrained):
             args.weights = tiny_weights(args)
     return data
-
-
-def main_first(fn, *args):
-    """fn(*args) on rank 0, then on the other processes (each takes --data's lock in turn, never across the
-    barrier); if rank 0 fails the others still pass the barrier and meet the error."""
-    if core.world_size() == 1:
-        return fn(*args)
-    if core.is_main():
-        try:
-            return fn(*args)
-        finally:
-            torch.distributed.barrier()
-    torch.distributed.barrier()
-    return fn(*args)
 
 
 # ---- The run: resume, epochs, evaluation, log, checkpoint (the same text in every script) --------
