@@ -4,7 +4,7 @@ Fine-Tuning").
 Result (offline digits run, ViT-tiny from random init, 2-core CPU, seeds 0-4, 360 test images): fm
 ensemble 0.972 (0.958-0.992; 619 s for seed 0), bp 0.987 (0.981-0.992; 291 s), two jobs sharing the
 cores. Flow maps (--objective flowmap) with exact gradients (issue 26) and --sg-features detach: one
-step 0.925 / 0.906 (seeds 0-1, ~2,400 s; 0.32 / 0.26 with SGFlow's gradient into the backbone). Peak
+step 0.928 (0.906-0.939, seeds 0-4, ~2,400 s; 0.32 / 0.26 with SGFlow's gradient into the backbone). Peak
 step memory fm 66.8 MiB, flow maps 101.7 MiB, bp 103.3 MiB at T = 4.
     python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained [--method bp]
 
