@@ -1221,6 +1221,11 @@ def test_single_hidden_layer_head_is_nonlinear():
     (train_cls_cnn, ["--dataset", "cifar100", "--topology", "sequential"], "head_blocks", 0),
     (train_cls_cnn, ["--dataset", "cifar100", "--topology", "sequential", "--head-blocks", "2"], "head_blocks", 2),
     (train_cls_cnn, ["--dataset", "cifar100"], "erasing", 0.25),
+    (train_cls_cnn, ["--dataset", "mnist"], "t_dist", "early"),  # issue 28's choices on validation
+    (train_cls_cnn, ["--dataset", "mnist", "--t-dist", "uniform"], "t_dist", "uniform"),
+    (train_cls_cnn, ["--dataset", "mnist", "--method", "bp"], "lr", 5e-4),
+    (train_cls_cnn, ["--dataset", "mnist", "--method", "bp"], "warmup", 1),
+    (train_cls_cnn, ["--dataset", "cifar10", "--method", "bp"], "lr", 1e-3),
     (train_cls_vit, ["--dataset", "tinyimagenet", "--meth", "bp", "--ep", "7"], "epochs", 7),
     (train_cls_vit, ["--dataset", "tinyimagenet"], "heads", 6),
     (train_cls_vit, ["--dataset", "digits", "--method", "bp"], "lr", 1e-3),
