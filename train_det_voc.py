@@ -234,10 +234,11 @@ def voc_eval(dets, gts, num_classes, iou_thresh=0.5, use_07_metric=True):
             inter = iw * ih
             union = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
                      + (gt[:, 2] - gt[:, 0] + 1.0) * (gt[:, 3] - gt[:, 1] + 1.0) - inter)
-            best = int(np.argmax(inter / union))
-            if inter[best] / union[best] > iou_thresh and gt_diff[i][best]:
+            overlaps = inter / union
+            best = int(np.argmax(overlaps))
+            if overlaps[best] > iou_thresh and gt_diff[i][best]:
                 continue  # matched a difficult box: neither TP nor FP
-            if inter[best] / union[best] > iou_thresh and not used[i][best]:
+            if overlaps[best] > iou_thresh and not used[i][best]:
                 tp[rank], used[i][best] = 1, True
             else:
                 fp[rank] = 1
@@ -359,16 +360,15 @@ class VOCData(torch.utils.data.Dataset):
     pixels, labels, difficult, size (H, W)); a malformed annotation raises core.DataError naming the file."""
 
     def __init__(self, root, image_set, classes, transform, download=False, indices=None):
-        where = f"{os.path.abspath(root)}/VOCdevkit/VOC2007"
-        for attempt in (False, True) if download else (False,):
+        try:
+            self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set)
+        except RuntimeError:  # absent: downloaded where allowed (VOC 2007); without download it fails again
             try:
-                self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set, download=attempt)
-                break
-            except Exception as e:  # absent (RuntimeError), or the download failed
-                if attempt or not download:
-                    raise core.DataError(f"VOC2007 {image_set} not found under {where}{' and the download failed' * attempt}"
-                                         f" ({type(e).__name__}); extract VOCtrainval_06-Nov-2007.tar and "
-                                         f"VOCtest_06-Nov-2007.tar under {os.path.abspath(root)}") from None
+                self.voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=image_set, download=download)
+            except Exception as e:
+                raise core.DataError(f"VOC2007 {image_set} not found under {os.path.abspath(root)}/VOCdevkit/VOC2007 "
+                                     f"({type(e).__name__}); extract VOCtrainval_06-Nov-2007.tar and "
+                                     f"VOCtest_06-Nov-2007.tar under {os.path.abspath(root)}") from None
         self.classes, self.transform = classes, transform
         # indices: the images of the image set this dataset holds (a validation carve-out), all when None
         self.ids = list(range(len(self.voc))) if indices is None else list(indices)
