@@ -11,7 +11,7 @@
 A checkpoint names the script that wrote it; the model is rebuilt with that script's build_model
 and the args stored in the checkpoint. Each mode writes <mode>.json and PNGs into --outdir
 (default: a folder `analysis` beside the first checkpoint) and prints a table. --memory needs no
-checkpoint: it builds fm and bp models of --script (extra flags go to that script's parser) for
+checkpoint: it builds models of --script for each of --methods (fm,bp) (extra flags go to that script's parser) for
 T in {4, 8, 16, 20, 24} at batch 8 and measures one training step of each.
 """
 import argparse
@@ -52,7 +52,7 @@ def get_args_parser():
     p.add_argument("--refinement", action="store_true", help="task metric after each Euler step")
     p.add_argument("--grad-variance", action="store_true", help="per-block gradient variance, fm vs bp, T = 4, 6")
     p.add_argument("--curves", action="store_true", help="training curves from the runs' JSON-lines logs")
-    p.add_argument("--memory", action="store_true", help="peak step memory and time vs T, fm vs bp")
+    p.add_argument("--memory", action="store_true", help="peak step memory and time vs T, per --methods (fm vs bp)")
     p.add_argument("--speed", action="store_true",
                    help="training images/s of fm and bp for every paper setup of every script (random data), with "
                         "parameters and FLOPs per image; extra flags (--amp, --compile, --channels-last) go to the scripts")
@@ -66,6 +66,7 @@ def get_args_parser():
     p.add_argument("--var-threshold", type=float, default=0.9, help="PCA variance fraction for the ID")
     p.add_argument("--script", default="train_det_voc.py", help="--memory: the training script to measure")
     p.add_argument("--Ts", default="4,8,16,20,24", help="--memory: numbers of blocks")
+    p.add_argument("--methods", default="fm,bp", help="--memory: the methods to measure (e.g. fm,bp,ff,noprop)")
     p.add_argument("--mem-bs", type=int, default=8, help="--memory: batch size")
     p.add_argument("--speed-bs", type=int, default=None,
                    help="--speed: batch size (default: 8 on CPU, the setup's own on CUDA; ViT-B/16 and ResNet-50 at "
@@ -207,6 +208,7 @@ def stage_features(run, loader):
     """Pooled features of every backbone stage and the labels: ([N, F_s] per stage, [N])."""
     feats, labels = None, []
     for x, y, _ in loader:
+        x = x[:, 0] if x.dim() == 5 else x  # CFF's training set holds two views of each image: the first
         out = [core.pool(f).float().cpu() for f in run.model.backbone(x.to(run.device))]
         feats = [[] for _ in out] if feats is None else feats
         for store, f in zip(feats, out):
@@ -348,20 +350,24 @@ def mode_geometry(runs, args):
             continue
         feats, _ = stage_features(run, run.loader(run.data()[1], args.bs, args.limit or 2000))
         for s, f in enumerate(feats):
-            rows.append({"ckpt": run.path, "method": run.args.method, "stage": s + 1,
+            rows.append({"ckpt": run.path, "script": run.script, "method": run.args.method, "stage": s + 1,
                          "intrinsic_dim": intrinsic_dimension(f, args.var_threshold), "spread": feature_spread(f)})
-            print(f"geometry  {os.path.basename(run.path)} stage {s + 1}: ID {rows[-1]['intrinsic_dim']:4d}  "
-                  f"spread {rows[-1]['spread']:.4f}")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for path in sorted({r["ckpt"] for r in rows}):
-        sub = [r for r in rows if r["ckpt"] == path]
-        label = f"{os.path.basename(path)} ({sub[0]['method']})"
-        axes[0].plot([r["stage"] for r in sub], [r["intrinsic_dim"] for r in sub], "o-", label=label)
-        axes[1].plot([r["stage"] for r in sub], [r["spread"] for r in sub], "o-", label=label)
-    for ax, name in zip(axes, (f"intrinsic dimension (PCA {args.var_threshold:.0%})", "feature spread (mean cosine distance)")):
-        ax.set_xlabel("backbone stage")
-        ax.set_ylabel(name)
-        ax.legend()
+            print(f"geometry  {os.path.basename(run.path)} ({run.args.method}) stage {s + 1}: ID "
+                  f"{rows[-1]['intrinsic_dim']:4d}  spread {rows[-1]['spread']:.4f}")
+    scripts = sorted({r["script"] for r in rows})  # Figure 5: a row of two panels per architecture, every run in it
+    fig, axes = plt.subplots(len(scripts), 2, figsize=(10, 4 * len(scripts)), squeeze=False)
+    for row, script in zip(axes, scripts):
+        for path in sorted({r["ckpt"] for r in rows if r["script"] == script}):
+            sub = [r for r in rows if r["ckpt"] == path]
+            label = f"{os.path.basename(path)} ({sub[0]['method']})"
+            row[0].plot([r["stage"] for r in sub], [r["intrinsic_dim"] for r in sub], "o-", label=label)
+            row[1].plot([r["stage"] for r in sub], [r["spread"] for r in sub], "o-", label=label)
+        for ax, name in zip(row, (f"intrinsic dimension (PCA {args.var_threshold:.0%})",
+                                  "feature spread (mean cosine distance)")):
+            ax.set_xlabel("stage (CNN stage, ViT block; noprop: block)")
+            ax.set_ylabel(name)
+            ax.set_title(script)
+            ax.legend(fontsize=7)
     return rows, fig
 
 
@@ -511,8 +517,8 @@ def random_setup(module, argv, bs, device):
 
 def mode_memory(args, extra, device):
     module = importlib.import_module(os.path.basename(args.script)[:-3])
-    rows = []
-    for method in ("fm", "bp"):
+    rows, methods = [], args.methods.split(",")
+    for method in methods:
         for T in [int(t) for t in args.Ts.split(",")]:
             margs, model, x, y = random_setup(module, extra + ["--method", method, "--T", str(T), "--mode", "parallel"],
                                               args.mem_bs, device)
@@ -531,7 +537,7 @@ def mode_memory(args, extra, device):
                          "step_seconds": float(np.median(times))})
             print(f"memory  {method} T={T:2d}: peak {peak / 2**20:8.1f} MiB   step {rows[-1]['step_seconds']:.3f} s")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in ("fm", "bp"):
+    for method in methods:
         sub = [r for r in rows if r["method"] == method]
         axes[0].plot([r["T"] for r in sub], [r["peak_bytes"] / 2**20 for r in sub], "o-", label=method)
         axes[1].plot([r["T"] for r in sub], [r["step_seconds"] for r in sub], "o-", label=method)

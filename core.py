@@ -469,7 +469,7 @@ def evaluate_classifier(model, loader, device, seed=0, amp=False, ks=(1, 5)):
     flow = isinstance(model, FlowClassifier)
     maps = flow and model.objective == "flowmap"
     names = (["ensemble", "multistep", "probe"] + [f"h{k}" for k in range(model.T)]
-             + ([f"steps_{n}" for n in MAP_STEPS] if maps else [])) if flow else ["acc"]
+             + ([f"steps_{n}" for n in MAP_STEPS] if maps else [])) if flow else ["acc"] + ["probe"] * hasattr(model, "outputs")
     hits, n = {name: [0] * len(ks) for name in names}, 0
     for x, y, idx in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -493,8 +493,8 @@ def evaluate_classifier(model, loader, device, seed=0, amp=False, ks=(1, 5)):
                 outputs["probe"] = model.probe(pool(feats[-1]))
                 for steps in MAP_STEPS if maps else ():
                     outputs[f"steps_{steps}"] = model.logits(compose(mapping, z0, model.T, steps, model.span))
-            else:
-                outputs = {"acc": model(x)}
+            else:  # bp's logits; the comparison methods' read-out and probe
+                outputs = model.outputs(x, idx, seed) if hasattr(model, "outputs") else {"acc": model(x)}
         for name, logits in outputs.items():
             hits[name] = [a + b for a, b in zip(hits[name], topk_correct(logits.float(), y, ks))]
         n += len(y)
@@ -504,7 +504,8 @@ def evaluate_classifier(model, loader, device, seed=0, amp=False, ks=(1, 5)):
     for i, k in enumerate(ks):
         suffix = "" if k == 1 else f"_top{k}"
         if not flow:
-            out["acc" + suffix] = int(hits["acc"][i]) / int(flat[-1])
+            out.update({("acc" if name == "acc" else f"acc_{name}") + suffix: int(hits[name][i]) / int(flat[-1])
+                        for name in hits})
             continue
         heads = [int(hits[f"h{h}"][i]) / int(flat[-1]) for h in range(model.T)]
         out[f"acc_single{suffix}"], out[f"acc_single_heads{suffix}"] = sum(heads) / model.T, heads
@@ -517,7 +518,8 @@ def classification_summary(record):
     """The per-epoch line: validation top-1 (ensemble, single-step, multi-step and probe for fm; acc for bp),
     the raw weights' beside an EMA's, and test at the end."""
     def accuracies(prefix):
-        names = ("ensemble", "single", "multistep", "probe") if f"{prefix}acc_ensemble" in record else ("",)
+        names = ("ensemble", "single", "multistep", "probe") if f"{prefix}acc_ensemble" in record else \
+            ("", "probe") if f"{prefix}acc_probe" in record else ("",)
         if f"{prefix}acc{'_' + names[0] if names[0] else ''}" not in record:
             return ""
         line = " ".join(f"{n or 'acc'} {record[f'{prefix}acc' + ('_' + n if n else '')]:.4f}" for n in names)
@@ -539,6 +541,8 @@ def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False,
     cross-entropy and one joint backward. forward: the DDP wrapper (`distribute`) or None."""
     device = x.device
     with autocast(device, amp):
+        if hasattr(model, "local_step"):  # the comparison methods (below)
+            return model.local_step(x, y, index, noise_key)
         if not isinstance(model, FlowClassifier):
             return joint_backward(F.cross_entropy((forward or model)(x).float(), y))
         feats = (forward or model.backbone)(x)
@@ -555,6 +559,195 @@ def classifier_step(model, forward, x, y, index, heads, noise_key, *, amp=False,
     probe.backward()  # its value stays on the device until the epoch's sums are read
     return {"loss": sum(losses.values()) / len(losses), "probe": probe.detach(),
             **{f"loss_h{k}": v for k, v in losses.items()}}
+
+
+# ==== The comparison methods: Forward-Forward (SFF for the CNN, CFF for the ViT) and NoProp-DT ========
+# Baselines of the paper's Figure 5 and Tables 4-5, on this project's backbones, data, engine and evaluation
+# (`classifier_step` and `evaluate_classifier` dispatch to their `local_step` and `outputs`).
+def effective_dimensionality(cov):
+    """ED = tr(C)^2 / ||C||_F^2 of matrices C [..., c, c] (SFF; 1e-6 added to the denominator as its code)."""
+    return torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1) ** 2 / (cov.pow(2).sum((-2, -1)) + 1e-6)
+
+
+def sff_loss(post, copies, consistency=0.5, diversity=0.5):
+    """SFF's dimensionality-compression objective (Zhu et al. 2025) of one stage's output post [n * B, C, ...]: n noisy
+    copies of B images, copy-major. consistency * mean_i ED(C_i) - diversity * ED(C): C_i the second moment of image i's
+    responses over its copies and positions, C that of the copy-averaged responses over images and positions
+    (uncentred, divided by count - 1, as SFF's code). Low ED per image, high across images; no negative samples."""
+    c = post.shape[1]
+    r = post.reshape(copies, -1, c, post[0, 0].numel())  # [n, B, C, P]
+    per = r.permute(1, 2, 0, 3).flatten(2)  # [B, C, n * P]
+    every = r.mean(0).transpose(0, 1).flatten(1)  # [C, B * P]
+    ed_each = effective_dimensionality(per @ per.transpose(1, 2) / (per.shape[2] - 1))
+    return consistency * ed_each.mean() - diversity * effective_dimensionality(every @ every.T / (every.shape[1] - 1))
+
+
+def cff_loss(views, y, margin=0.0, temperature=0.15):
+    """CFF's marginal supervised contrastive loss (Aghagolzadeh and Ezoji 2025): SupCon over the pooled features of every
+    view (views: list of [B, F]) with the cosine of each positive pair (same label, not itself) raised by `margin`
+    and capped at 1, at `temperature`; an anchor without positives contributes 0 to the mean over anchors."""
+    f = F.normalize(at_least_fp32(torch.cat(views)), dim=1)
+    labels = y.repeat(len(views))
+    self_pair = torch.eye(len(f), dtype=torch.bool, device=f.device)
+    positive = (labels[:, None] == labels[None, :]) & ~self_pair
+    sim = f @ f.T
+    sim = torch.where(positive, (sim + margin).clamp(max=1.0), sim) / temperature
+    log_prob = sim - torch.logsumexp(sim.masked_fill(self_pair, float("-inf")), dim=1, keepdim=True)
+    return -(log_prob * positive).sum(1).div(positive.sum(1).clamp(min=1)).mean()
+
+
+class ForwardForward(nn.Module):
+    """Forward-Forward on this project's backbones: every stage (CNN) or block (ViT) learns from its own local loss on a
+    detached input (backbone.local: no gradient crosses stages); a read-out and a linear probe learn on detached
+    last-stage features, all in the same step (SFF and CFF train the read-out in a second phase).
+    objective 'sff' (CNN; backbone(x, maps=True) -> (pooled features, stage maps)): `sff_loss` per stage on `copies`
+    copies of each image, each with dropout `drop` on its pixels (SFF's noise, also at inference); the read-out is
+    SFF's energy: a linear layer (dropout 0.5) on the flattened last maps, the mean over copies of its squared
+    outputs as the logits. objective 'cff' (ViT): `cff_loss` per block on the mean-pooled tokens of two views (the
+    batch holds [B, 2, C, H, W] from `TwoViews`; one view is used twice), margins linear from 0.4 to 0.1 over the
+    blocks, temperature 0.15 (CFF's); the read-out a linear layer on the pooled last tokens."""
+
+    def __init__(self, backbone, num_classes, objective, readout_dim, probe_dim, copies=4, drop=0.2):
+        super().__init__()
+        self.backbone, self.objective, self.copies, self.drop = backbone, objective, copies, drop
+        backbone.local = True
+        self.margins = np.linspace(0.4, 0.1, len(backbone.channels)).tolist()
+        self.readout, self.probe = nn.Linear(readout_dim, num_classes), nn.Linear(probe_dim, num_classes)
+
+    def noisy_copies(self, x, u):
+        """SFF's input noise: `copies` copies of x [B, ...] (copy-major) with dropout from uniforms u [B, n * numel]."""
+        keep = (u >= self.drop).view(len(x), self.copies, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
+        return x.repeat(self.copies, *[1] * (x.dim() - 1)) * keep / (1 - self.drop)
+
+    def energy(self, maps):
+        logits = self.readout(F.dropout(maps.flatten(1), 0.5, self.training)).float()
+        return logits.view(self.copies, -1, logits.shape[-1]).pow(2).mean(0)
+
+    def local_step(self, x, y, index, key):
+        """One batch's local losses, read-out and probe, one backward (the detached inputs keep each stage's gradient its
+        own); NonFiniteLoss before it. Returns the losses to log (loss_h<k>: stage k's)."""
+        if self.objective == "sff":
+            u = uniforms(index, key, self.copies * x[0].numel(), len(y), x.device)
+            feats, maps = self.backbone(self.noisy_copies(x, u), maps=True)
+            losses = [sff_loss(m.float(), self.copies) for m in maps]
+            read = F.cross_entropy(self.energy(maps[-1].detach()), y)
+            probe = F.cross_entropy(self.probe(feats[-1].detach()).float(), y.repeat(self.copies))
+        else:
+            views = [self.backbone(v) for v in (x.unbind(1) if x.dim() == 5 else (x, x))]
+            losses = [cff_loss([pool(f[s]) for f in views], y, m) for s, m in enumerate(self.margins)]
+            last = pool(views[0][-1]).detach()
+            read = F.cross_entropy(self.readout(last).float(), y)
+            probe = F.cross_entropy(self.probe(last).float(), y)
+        joint_backward(sum(losses) + read + probe)
+        return {"loss": sum(losses).detach() / len(losses), "readout": read.detach(), "probe": probe.detach(),
+                **{f"loss_h{k}": loss.detach() for k, loss in enumerate(losses)}}
+
+    @torch.no_grad()
+    def outputs(self, x, index, seed=0):
+        """Logits of the method's read-out (acc) and of the probe. SFF: both on the noisy copies the stages learnt from
+        (its 'sampling' inference; noise seeded per sample), the probe's averaged over the copies."""
+        if self.objective == "sff":
+            u = torch.special.ndtr(noise_for(index, (self.copies * x[0].numel(),), seed, x.device))
+            feats, maps = self.backbone(self.noisy_copies(x, u), maps=True)
+            probe = self.probe(feats[-1]).view(self.copies, len(x), -1).mean(0)
+            return {"acc": self.energy(maps[-1]), "probe": probe}
+        last = pool(self.backbone(x)[-1])
+        return {"acc": self.readout(last), "probe": self.probe(last)}
+
+
+class BlockFeatures(nn.Module):
+    """NoProp's image paths as a backbone: one per block; returns each block's pooled last-stage features."""
+
+    def __init__(self, paths):
+        super().__init__()
+        self.paths = nn.ModuleList(paths)
+        self.channels = [p.channels[-1] for p in paths]
+
+    def forward(self, x):
+        return [path(x)[-1] for path in self.paths]
+
+
+def noprop_schedule(T, s=0.008):
+    """NoProp-DT's cosine schedule alpha_bar_t, t = 0..T, rising from 0 (z_0 pure noise) to at most 0.999 (z_T; the
+    cap keeps SNR(T) finite): alpha_bar_t = cos^2(pi/2 (1 - t/T + s) / (1 + s)) / cos^2(pi/2 s / (1 + s))."""
+    t = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos(math.pi / 2 * (1 - t + s) / (1 + s)) ** 2 / math.cos(math.pi / 2 * s / (1 + s)) ** 2
+    f[0] = 0.0
+    return f.clamp(max=0.999)
+
+
+class NoPropDT(nn.Module):
+    """NoProp-DT (Li, Teh, Pascanu 2025): T blocks, each with its own image path (`paths`: this project's CNN) and a
+    path for the noisy label embedding z_(t-1), fused by an MLP into class probabilities p; the block's estimate is
+    u_hat = p W_embed. Block t learns alone: z_(t-1) ~ q(z_(t-1) | y) = N(sqrt(ab_(t-1)) u_y, (1 - ab_(t-1)) I) and
+    L_t = (T / 2) eta (SNR(t) - SNR(t-1)) ||u_hat_t(z_(t-1), x) - u_y||^2; the output layer learns -log p(y | z_T),
+    z_T ~ q(z_T | y) (the KL term is 0: ab_0 = 0). Inference: z_0 ~ N(0, I), z_t = a_t u_hat_t + b_t z_(t-1) +
+    sqrt(c_t) eps (the Gaussian posterior's coefficients), the class from the output layer on z_T. Class embeddings
+    W_embed: `ClassEmbedding` (guard: radius sqrt(d), and the denoising losses see W_embed through a stop-gradient:
+    the output layer's cross-entropy shapes it; guard False: NoProp's plain learned table, trained by every term)."""
+
+    def __init__(self, paths, feat_dim, num_classes, dim, hidden, eta=0.1, guard=True):
+        super().__init__()
+        T = len(paths)
+        self.backbone, self.dim, self.eta = BlockFeatures(paths), dim, eta
+        self.image = nn.ModuleList(nn.Sequential(nn.Linear(feat_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+                                   for _ in range(T))
+        self.label = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+                                   for _ in range(T))
+        self.fuse = nn.ModuleList(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                                nn.Linear(hidden, num_classes)) for _ in range(T))
+        self.embed = ClassEmbedding(num_classes, dim, guard)
+        self.out, self.probe = nn.Linear(dim, num_classes), nn.Linear(feat_dim, num_classes)
+        ab = noprop_schedule(T)
+        snr = ab / (1 - ab)
+        alpha = ab[:-1] / ab[1:]  # step t's alpha: ab_(t-1) / ab_t
+        self.register_buffer("ab", ab.float())
+        self.register_buffer("weight", (T / 2 * eta * (snr[1:] - snr[:-1])).float())
+        self.register_buffer("coef", torch.stack([ab[1:].sqrt() * (1 - alpha), alpha.sqrt() * (1 - ab[1:]),
+                                                  (1 - ab[1:]) * (1 - alpha)]).div(1 - ab[:-1]).T.float())
+
+    @property
+    def T(self):
+        return len(self.fuse)
+
+    def denoise(self, k, z, x, table, feat=None):
+        """Block k's u_hat = softmax(fuse([image path(x), label path(z)])) W_embed; feat: its image features if known."""
+        feat = self.backbone.paths[k](x)[-1] if feat is None else feat
+        p = at_least_fp32(self.fuse[k](torch.cat([self.image[k](feat), self.label[k](z)], 1))).softmax(-1)
+        return p @ table.to(p.dtype)
+
+    def local_step(self, x, y, index, key):
+        """Each block's loss with its own backward (`blockwise_backward`: one block's graph in memory), then the
+        output layer's and the probe's cross-entropy. Returns the losses to log (loss_h<k>: block k's)."""
+        table = self.embed.table()
+        target_table = table.detach() if self.embed.guard else table
+        last = []
+
+        def block_loss(k, _):
+            eps = train_noise(index, None if key is None else (*key, k), (self.dim,), x.device, n=len(y))[0]
+            z = self.ab[k].sqrt() * target_table[y] + (1 - self.ab[k]).sqrt() * eps
+            feat = self.backbone.paths[k](x)[-1]
+            if k == self.T - 1:
+                last.append(feat.detach())
+            return self.weight[k] * (self.denoise(k, z, x, target_table, feat) - target_table[y]).pow(2).sum(1).mean()
+        losses = blockwise_backward([], list(range(self.T)), block_loss)
+        eps = train_noise(index, None if key is None else (*key, self.T), (self.dim,), x.device, n=len(y))[0]
+        z_end = self.ab[-1].sqrt() * table[y] + (1 - self.ab[-1]).sqrt() * eps
+        ce, probe = F.cross_entropy(self.out(z_end).float(), y), F.cross_entropy(self.probe(last[0]).float(), y)
+        joint_backward(ce + probe)
+        return {"loss": sum(losses.values()) / self.T, "output_ce": ce.detach(), "probe": probe.detach(),
+                **{f"loss_h{k}": v for k, v in losses.items()}}
+
+    @torch.no_grad()
+    def outputs(self, x, index, seed=0):
+        """The reverse process from z_0 = noise_for(index) (its per-step noise seeded alike): logits of the output layer
+        on z_T (acc), and of the probe on the last block's image features."""
+        noise, table = noise_for(index, (self.T + 1, self.dim), seed, x.device), self.embed.table()
+        z = noise[:, 0]
+        for k in range(self.T):
+            a, b, c = self.coef[k]
+            z = a * self.denoise(k, z, x, table) + b * z + c.sqrt() * noise[:, k + 1]
+        return {"acc": self.out(z), "probe": self.probe(self.backbone(x)[-1])}
 
 
 # ==== Plumbing: device, seeds, per-sample noise, data helpers =====================================
@@ -655,6 +848,20 @@ class WithIndex(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return (*self.dataset[i], i)
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Items (image, label) with the image as [2, C, H, W]: two draws of the dataset's augmentation (CFF's two views)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        (a, y), (b, _) = self.dataset[i], self.dataset[i]
+        return torch.stack([a, b]), y
 
 
 class Seeded(torch.utils.data.Dataset):
@@ -1024,12 +1231,15 @@ def shard(dataset):
     return dataset if world_size() == 1 else Subset(dataset, range(rank(), len(dataset), world_size()))
 
 
-def distribute(wrapped, model):
-    """Under torchrun: (DDP wrapper of `wrapped`, the parameters of `model` outside it); else (None, []).
-    fm wraps the backbone (its one backward reduces once per step) and the heads, whose gradients
-    `sync_gradients` reduces once per step; bp wraps the whole model."""
+def distribute(model, method):
+    """Under torchrun: (DDP wrapper, the parameters of `model` outside it); else (None, []). fm wraps the backbone
+    (its one backward reduces once per step) and the heads, whose gradients `sync_gradients` reduces once per
+    step; bp wraps the whole model; the comparison methods (several backwards per step) wrap nothing."""
     if world_size() == 1:
         return None, []
+    if method not in ("fm", "bp"):
+        return None, list(model.parameters())
+    wrapped = model.backbone if method == "fm" else model
     device = next(model.parameters()).device
     forward = DistributedDataParallel(wrapped, device_ids=[device] if device.type == "cuda" else None)
     inside = {id(p) for p in wrapped.parameters()}

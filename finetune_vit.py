@@ -274,13 +274,14 @@ def summary(record):
 
 def check_flags(args):
     """One-line exit for values and combinations that cannot run, before anything is written."""
-    for name in ("epochs", "bs", "T"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("epochs", "bs", "T", "ff_copies"):
+        if getattr(args, name, 1) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for used, flag in ((args.mode == "sequential", "--mode sequential trains flow heads one at a time"),
-                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps")):
-        if used and args.method == "bp":
-            sys.exit(f"error: {flag}; it does not apply to --method bp")
+                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps"),
+                       (getattr(args, "topology", "") == "sequential", "--topology sequential places flow heads")):
+        if used and args.method != "fm":
+            sys.exit(f"error: {flag}; it does not apply to --method {args.method}")
     if args.objective == "velocity" and args.span == "local":
         sys.exit("error: --span sets the times a flow-map head covers; it needs --objective flowmap")
     if not 0 <= args.diag <= 1:
@@ -341,7 +342,7 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
                                                optimizer, scheduler, ema)
     except core.CheckpointError as e:
         sys.exit(f"error: {e}")
-    forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
+    forward, local = core.distribute(model, args.method)
     loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)

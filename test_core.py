@@ -968,7 +968,9 @@ def test_detection_two_gloo_processes_match_one_process_on_the_same_global_batch
 @pytest.mark.parametrize("script,argv", [
     ("train_cls_cnn.py", SMALL_CNN + ["--T", "2", "--epochs", "1", "--max-steps", "2", "--mode", "sequential"]),
     ("finetune_vit.py", TINY_FT + ["--no-pretrained", "--img-size", "16", "--patch", "4", "--depth", "1", "--T", "2"]),
-    ("train_det_voc.py", SMALL_DET + ["--mode", "parallel"])])
+    ("train_det_voc.py", SMALL_DET + ["--mode", "parallel"]),
+    ("train_cls_cnn.py", SMALL_CNN + ["--method", "noprop", "--T", "2", "--epochs", "1", "--max-steps", "2"]),
+    ("train_cls_vit.py", DDP_VIT + ["--method", "ff", "--max-steps", "2"])])
 def test_every_script_trains_under_torchrun(tmp_path, script, argv):
     out = str(tmp_path / "r.pt")
     data = ["--data", str(tmp_path / "data")] if script == "train_det_voc.py" else []
@@ -2263,3 +2265,190 @@ def test_layout_line_caps():
     assert len(lines["train_det_voc.py"]) <= 1100 and len(lines["README.md"]) <= 250
     code = "\n".join(line.split("#")[0] for line in lines["core.py"])
     assert not re.search(r"\bargs\.|\bprint\(|sys\.exit\(", code), "core takes no args, prints nothing, exits never"
+
+
+# ------------------------------------------------------------------------------------------------
+# the comparison methods: Forward-Forward (SFF, CFF) and NoProp-DT
+# ------------------------------------------------------------------------------------------------
+def ed_by_hand(vectors):
+    """ED of the uncentred second moment of a list of vectors, divided by count - 1, written out."""
+    v = np.array(vectors, dtype=np.float64)
+    cov = v.T @ v / (len(v) - 1)
+    return np.trace(cov) ** 2 / ((cov ** 2).sum() + 1e-6)
+
+
+def test_sff_loss_equals_a_hand_computation():
+    n, B, C, H, W = 3, 2, 4, 2, 2
+    post = torch.rand(n * B, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = post.numpy()
+    each = [ed_by_hand([p[c * B + i, :, h, w] for c in range(n) for h in range(H) for w in range(W)]) for i in range(B)]
+    every = ed_by_hand([np.mean([p[c * B + i, :, h, w] for c in range(n)], 0)
+                        for i in range(B) for h in range(H) for w in range(W)])
+    expected = 0.5 * np.mean(each) - 0.5 * every
+    assert core.sff_loss(post, n).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_cff_loss_equals_a_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    a, b, y = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g), torch.tensor([0, 1, 0, 2, 1])
+    m, tau = 0.3, 0.15
+    f = torch.nn.functional.normalize(torch.cat([a, b]).double(), dim=1).numpy()
+    labels = y.repeat(2).numpy()
+    losses = []
+    for i in range(10):
+        logit = {j: (min(f[i] @ f[j] + m, 1.0) if labels[j] == labels[i] else f[i] @ f[j]) / tau
+                 for j in range(10) if j != i}
+        log_denominator = np.log(sum(np.exp(v) for v in logit.values()))
+        positives = [j for j in logit if labels[j] == labels[i]]  # label 2 has one sample: its pair across views
+        losses.append(-np.mean([logit[j] - log_denominator for j in positives]) if positives else 0.0)
+    assert core.cff_loss([a, b], y, m, tau).item() == pytest.approx(np.mean(losses), rel=1e-5)
+    lone = core.cff_loss([a], torch.tensor([0, 1, 2, 3, 4]), m, tau)  # no positives anywhere: every anchor gives 0
+    assert lone.item() == 0.0
+
+
+def test_sff_and_cff_gradients_equal_finite_differences():
+    g = torch.Generator().manual_seed(2)
+    post = torch.rand(3 * 2, 4, 2, 2, dtype=torch.float64, generator=g).requires_grad_()
+    assert_gradients_match_differences(lambda: core.sff_loss(post, 3), [post])
+    a, b = (torch.randn(6, 5, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    y = torch.tensor([0, 1, 0, 1, 2, 2])
+    # margin 0.05 so that no positive pair sits at the cap of 1 (there the loss has a kink)
+    assert_gradients_match_differences(lambda: core.cff_loss([a, b], y, 0.05, 0.5).double(), [a, b])
+
+
+def test_noprop_schedule_posterior_carries_q_of_t_minus_1_to_q_of_t():
+    model = core.NoPropDT([train_cls_cnn.ConvBackbone(1, [4])] * 4, 4, 3, 5, 8)
+    ab, (a, b, c) = model.ab.double(), model.coef.double().T
+    assert ab[0] == 0 and torch.all(ab[1:] > ab[:-1]) and ab[-1] == pytest.approx(0.999)
+    # with the exact u_hat = u_y and z_(t-1) ~ q(z_(t-1) | y): mean and variance of z_t are q(z_t | y)'s
+    torch.testing.assert_close(a + b * ab[:-1].sqrt(), ab[1:].sqrt())
+    torch.testing.assert_close(b ** 2 * (1 - ab[:-1]) + c, 1 - ab[1:])
+    snr = ab / (1 - ab)
+    torch.testing.assert_close(model.weight.double(), 4 / 2 * 0.1 * (snr[1:] - snr[:-1]), rtol=1e-4, atol=0)
+
+
+def tiny_noprop(T=3, guard=True, dtype=torch.float32):
+    torch.manual_seed(0)
+    paths = [train_cls_cnn.ConvBackbone(1, [4, 6]) for _ in range(T)]
+    return core.NoPropDT(paths, 6, 3, 5, 8, guard=guard).to(dtype)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_noprop_step_is_each_blocks_own_loss_and_no_gradient_crosses_blocks(guard):
+    model, x, y = tiny_noprop(guard=guard), torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    index, key = torch.arange(6), (0, 1, 0)
+    logged = model.local_step(x, y, index, key)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for k in range(model.T):  # block k's loss by hand, and the gradient of it alone
+        model.zero_grad(set_to_none=True)
+        table = model.embed.table()
+        target = table.detach() if guard else table
+        eps = core.train_noise(index, (*key, k), (5,))[0]
+        z = model.ab[k].sqrt() * target[y] + (1 - model.ab[k]).sqrt() * eps
+        loss = model.weight[k] * (model.denoise(k, z, x, target) - target[y]).pow(2).sum(1).mean()
+        assert loss.item() == pytest.approx(logged[f"loss_h{k}"], rel=1e-6)
+        loss.backward()
+        touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        own = {n for n in touched if f".{k}." in n and not n.startswith("embed")}
+        assert touched - own == (set() if guard else {"embed.weight"}), touched - own
+        for n in own:
+            torch.testing.assert_close(model.get_parameter(n).grad, grads[n])
+
+
+def test_noprop_block_loss_gradients_equal_finite_differences():
+    model = tiny_noprop(T=2, guard=False, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x, z = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=g), torch.randn(4, 5, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 1, 2, 1])
+    loss = lambda: model.weight[1] * (model.denoise(1, z, x, model.embed.table())  # noqa: E731
+                                      - model.embed.table()[y]).pow(2).sum(1).mean()
+    tensors = [p for n, p in model.named_parameters() if ".1." in n or n.startswith("embed")]
+    assert_gradients_match_differences(loss, tensors)
+
+
+def test_ff_stages_learn_only_from_their_own_loss_and_the_readout_reaches_no_stage():
+    args = parse(train_cls_cnn, SMALL_CNN + ["--method", "ff"])
+    model = train_cls_cnn.build_model(args, 10, 1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    u = core.uniforms(torch.arange(8), (0, 0, 0), model.copies * 64, 8)
+    feats, maps = model.backbone(model.noisy_copies(x, u), maps=True)
+    stages = model.backbone.stages
+    for k, m in enumerate(maps):
+        loss = core.sff_loss(m, model.copies)
+        for j, stage in enumerate(stages):
+            grads = torch.autograd.grad(loss, list(stage.parameters()), retain_graph=True, allow_unused=True)
+            assert all((g is None) == (j != k) for g in grads), (k, j)
+    model.zero_grad(set_to_none=True)
+    model.local_step(x, y, torch.arange(8), (0, 0, 0))
+    assert all(p.grad is not None for p in model.parameters())
+    readout = torch.nn.functional.cross_entropy(model.energy(maps[-1].detach()), y)
+    assert all(g is None for g in torch.autograd.grad(readout, list(model.backbone.parameters()), allow_unused=True))
+
+
+def test_cff_blocks_learn_only_from_their_own_loss():
+    args = parse(train_cls_vit, SMALL_VIT + ["--method", "ff", "--depth", "2"])
+    model = train_cls_vit.build_model(args, 10, 1)
+    x, y = torch.randn(6, 2, 1, 16, 16), torch.tensor([0, 1, 0, 1, 2, 2])
+    views = [model.backbone(v) for v in x.unbind(1)]
+    blocks = model.backbone.vit.blocks
+    for k in range(2):
+        loss = core.cff_loss([core.pool(f[k]) for f in views], y, model.margins[k])
+        grads = torch.autograd.grad(loss, list(blocks[1 - k].parameters()), retain_graph=True, allow_unused=True)
+        assert all(g is None for g in grads), k
+        embedding = list(model.backbone.vit.patch_embed.parameters()) + [model.backbone.vit.pos_embed]
+        grads = torch.autograd.grad(loss, embedding, retain_graph=True, allow_unused=True)
+        assert all((g is None) == (k > 0) for g in grads), k  # the embedding learns with block 0 alone
+    assert model.margins == pytest.approx([0.4, 0.1])
+
+
+@pytest.mark.parametrize("module,argv", [(train_cls_cnn, SMALL_CNN + ["--method", "ff"]),
+                                         (train_cls_cnn, SMALL_CNN + ["--method", "noprop"]),
+                                         (train_cls_vit, SMALL_VIT + ["--method", "ff"])])
+def test_comparison_methods_train_evaluate_and_resume_bit_identically(tmp_path, monkeypatch, module, argv):
+    test_resume_is_bit_identical(tmp_path, monkeypatch, module, argv)
+    record = records(str(tmp_path / "a.pt"))[-1]
+    for key in ("val_acc", "val_acc_probe", "acc", "acc_probe", "acc_top5", "raw_acc"):
+        if key.startswith("raw") and module is train_cls_vit:
+            continue  # the ViT setups run without an EMA
+        assert 0 <= record[key] <= 1, key
+    assert record["loss_h0"] != 0 and record["peak_step_bytes"] > 0
+
+
+def test_comparison_methods_refuse_the_flow_flags_in_one_line():
+    for module, argv, flag in ((train_cls_cnn, ["--method", "noprop", "--objective", "flowmap"], "--objective flowmap"),
+                               (train_cls_vit, ["--method", "ff", "--mode", "sequential"], "--mode sequential")):
+        message = exit_message(module, ["--dataset", "digits"] + argv)
+        assert flag in message and "does not apply to --method" in message and "\n" not in message
+
+
+def test_analyze_geometry_of_every_method_and_architecture_in_one_figure(tmp_path):
+    outs = []
+    for module, argv, name in ((train_cls_cnn, SMALL_CNN, "fm"), (train_cls_cnn, SMALL_CNN + ["--method", "bp"], "bp"),
+                               (train_cls_cnn, SMALL_CNN + ["--method", "ff"], "ff"),
+                               (train_cls_cnn, SMALL_CNN + ["--method", "noprop"], "np"),
+                               (train_cls_vit, SMALL_VIT + ["--method", "ff"], "vff"), (train_cls_vit, SMALL_VIT, "vfm")):
+        outs.append(run_script(module, argv + ["--epochs", "1", "--max-steps", "2", "--T", "2"], tmp_path, name + ".pt")[1])
+    argv = sum((["--ckpt", o] for o in outs), []) + ["--geometry", "--probe", "--curves", "--limit", "60",
+                                                       "--probe-epochs", "5"]
+    results = analyze.main(*analyze.get_args_parser().parse_known_args(argv))
+    geometry = results["geometry"]
+    assert {(r["script"], r["method"]) for r in geometry} == {("train_cls_cnn.py", m) for m in ("fm", "bp", "ff", "noprop")} \
+        | {("train_cls_vit.py", m) for m in ("fm", "ff")}
+    assert max(r["stage"] for r in geometry if r["method"] == "noprop") == 2  # noprop's stages are its blocks
+    assert len(results["probe"]) == 6 and (tmp_path / "analysis" / "geometry.png").stat().st_size > 1000
+    args, extra = analyze.get_args_parser().parse_known_args(
+        ["--memory", "--script", "train_cls_cnn.py", "--Ts", "2", "--methods", "fm,bp,ff,noprop", "--outdir",
+         str(tmp_path), "--dataset", "digits", "--channels", "8,16,32", "--dim", "16", "--hidden", "32"])
+    assert [r["method"] for r in analyze.main(args, extra)["memory"]] == ["fm", "bp", "ff", "noprop"]
+
+
+@pytest.mark.parametrize("module,method", [(train_cls_cnn, "ff"), (train_cls_cnn, "noprop"), (train_cls_vit, "ff")])
+def test_comparison_methods_build_train_and_evaluate_on_the_paper_cifar10_setup(module, method):
+    args = module.parse_args(["--dataset", "cifar10", "--method", method])
+    torch.manual_seed(0)
+    model = module.build_model(args, 10, 3)
+    x, y, index = torch.randn(4, 3, 32, 32), torch.tensor([0, 9, 0, 9]), torch.arange(4)
+    losses = module.train_step(model, None, (x, y, index), list(range(args.T)), (0, 0, 0), args, torch.device("cpu"))
+    assert np.isfinite(float(losses["loss"])) and all(p.grad is not None for p in model.backbone.parameters())
+    metrics = core.evaluate_classifier(model, [(x, y, index)], torch.device("cpu"), 0, False, (1, 5))
+    assert set(metrics) == {"acc", "acc_top5", "acc_probe", "acc_probe_top5"}

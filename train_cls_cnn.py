@@ -7,15 +7,13 @@ seeds 0-2): fm ensemble 0.991 (0.990-0.992), bp 0.989 (0.985-0.992), 3-7 min per
 digits (scikit-learn's real handwritten digits, offline) is not a paper setup: a small CNN (channels
 32/64/128, d = 64, hidden 256, 30 epochs, EMA 0.98), a couple of minutes on a laptop CPU.
 
-Setup (paper defaults): three conv stages of 96 / 384 / 1536 channels, latent d = 512, T residual-MLP
-flow heads (hidden 1024, LayerNorm, dropout) on the pooled features; AdamW lr 5e-4, wd 1e-4, 5-epoch
-linear warmup then cosine, 200 epochs, batch 128, weight EMA 0.995, AutoAugment on CIFAR, gradient
-clipping 1.0. Head topologies: 'parallel' (all heads read the last stage, the paper's "parallel
-consensus") and 'sequential' (head k reads stage k). Schedules: --mode parallel (every batch trains
-all heads) and --mode sequential (Algorithm 1: per epoch, per block k, a full pass).
-T: the paper does not give T for the CNN; T = 3 puts one head per conv stage in the sequential
-topology, so both topologies have as many heads (Table 3 like for like). Other T in the sequential
-topology spread the heads evenly over the stages (head k reads stage floor(k * 3 / T)).
+Setup (paper defaults): three conv stages of 96 / 384 / 1536 channels, latent d = 512, T residual-MLP flow heads
+(hidden 1024, LayerNorm, dropout) on the pooled features; AdamW lr 5e-4, wd 1e-4, 5-epoch linear warmup then cosine,
+200 epochs, batch 128, weight EMA 0.995, AutoAugment on CIFAR, gradient clipping 1.0. Head topologies: 'parallel'
+(all heads read the last stage, the paper's "parallel consensus") and 'sequential' (head k reads stage k).
+Schedules: --mode parallel (every batch trains all heads), --mode sequential (Algorithm 1: a full pass per head).
+T: the paper does not give T for the CNN; T = 3 puts one head per conv stage in the sequential topology (Table 3
+like for like); other T spread the heads evenly over the stages (head k reads stage floor(k * 3 / T)).
 
 --method bp (D.2 "From-Scratch Baselines"): the same backbone, T stacked residual-MLP layers of the
 heads' size and a linear classifier, end to end; 60 epochs, batch 128, AdamW lr 1e-3, wd 0.01, cosine.
@@ -25,17 +23,17 @@ Departures from D.2, each with the flag that gives the paper's reading:
   Without it the pooled post-ReLU features are mostly a per-channel offset shared by all images; bp's
   stacked MLP layers learn the offset first and sat at chance for 3 epochs on 28x28 digits
   (docs/research_notes.md, "Pooled features").
-- The weight EMA (0.995) warms its decay up, min(0.995, (1 + n) / (10 + n)) at update n, and its
-  BatchNorm statistics are averaged with the weights (--ema-bn raw: the trained model's). Runs with
-  an EMA log the raw weights' metrics too (raw_ prefix). At 200 epochs the warm-up changes nothing.
+- The weight EMA (0.995) warms its decay up, min(0.995, (1 + n) / (10 + n)) at update n (at 200 epochs this
+  changes nothing), its BatchNorm statistics averaged with the weights (--ema-bn raw: the trained model's).
 - CIFAR: RandomCrop (padding 4) + horizontal flip before AutoAugment (--no-crop-flip: AutoAugment
   alone, as D.2 states it); CIFAR-100 adds RandomErasing 0.25 (D.2), and with --topology sequential
   its fm heads are single-hidden-layer MLPs with dropout (--head-blocks 0, D.2).
-- TinyImageNet (not a CNN setup of the paper) uses ImageNet's normalisation and AutoAugment policy,
-  and logs top-5 and top-10.
-- MNIST: fm trains with t ~ u^2 (--t-dist early; paper: uniform), bp with lr 5e-4 and a 1-epoch warmup (D.2: 1e-3, none),
-  each chosen on validation at the 8-epoch command (docs/research_notes.md, "Issue 28"): uniform t
-  leaves the heads 6 points behind a linear probe of their own features on the harder proxy.
+- TinyImageNet (no CNN setup of the paper): ImageNet's normalisation and AutoAugment policy; top-5, top-10.
+- MNIST: fm trains with t ~ u^2 (--t-dist early; paper: uniform), bp with lr 5e-4 and a 1-epoch warmup (D.2: 1e-3,
+  none), each chosen on validation at the 8-epoch command (docs/research_notes.md, "Issue 28").
+
+--method ff (SFF, core.ForwardForward) and noprop (NoProp-DT, core.NoPropDT: T blocks, a CNN each): the paper's
+comparison methods; setups chosen on validation (METHOD_SETUPS); their departures from their papers: README.
 """
 import argparse
 import functools
@@ -59,7 +57,9 @@ PAPER = dict(channels="96,384,1536", dim=512, hidden=1024, epochs=200, warmup=5,
 SETUPS = {name: dict(PAPER, img_size=size) for name, size in IMG_SIZE.items()}
 SETUPS["digits"].update(channels="32,64,128", dim=64, hidden=256, epochs=30, warmup=1, ema=0.98)
 SETUPS["mnist"].update(t_dist="early")  # chosen on validation (issue 28): the heads learn the single step far faster
-BP_SETUPS = {"mnist": dict(lr=5e-4, warmup=1)}  # bp's, on the same validation (issue 28)
+METHOD_SETUPS = {"bp": {"mnist": dict(lr=5e-4, warmup=1)},  # bp's, on the same validation (issue 28)
+                 "ff": {"digits": dict(lr=1.5e-3), "mnist": dict(ff_copies=8)},  # on validation (issue 30)
+                 "noprop": {"digits": dict(lr=4e-3)}}
 SETUPS["cifar100"].update(erasing=0.25)
 SETUPS["tinyimagenet"].update(erasing=0.25)
 # normalisation statistics; TinyImageNet is an ImageNet subset and uses ImageNet's
@@ -77,9 +77,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--data", default="data", help="dataset root folder (downloaded there when online)")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (0 for digits)")
     # method
-    p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the backprop baseline")
-    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
-                   help="schedule: every batch trains all heads, or Algorithm 1 (a full pass per head)")
+    p.add_argument("--method", default="fm", choices=["fm", "bp", "ff", "noprop"], help="DFM, backprop, SFF or NoProp-DT")
+    p.add_argument("--ff-copies", type=int, default=4, help="ff: noisy copies of each image (SFF: 20)")
+    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"], help="all heads per batch, or Alg. 1")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
     p.add_argument("--t-dist", default="uniform", choices=["uniform", "early"],
                    help="t (flowmap: start t) in training: U[0,1] (paper) or u^2, more near 0 (core.time_law)")
@@ -115,8 +115,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--warmup", type=int, default=PAPER["warmup"], help="linear warmup epochs before cosine (paper 5; bp 0)")
     p.add_argument("--ema", type=float, default=PAPER["ema"],
                    help="weight EMA decay with warm-up min(decay, (1+n)/(10+n)), 0 to disable (paper 0.995; bp 0)")
-    p.add_argument("--ema-bn", default="avg", choices=["avg", "raw"],
-                   help="EMA model's BatchNorm statistics: averaged like the weights, or the trained model's")
+    p.add_argument("--ema-bn", default="avg", choices=["avg", "raw"], help="EMA's BatchNorm statistics: averaged, or raw")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone and heads (bp: the model)")
@@ -146,7 +145,8 @@ def parse_args(argv=None):
     if first.dataset == "cifar100" and first.topology == "sequential" and first.method == "fm":
         defaults["head_blocks"] = 0  # D.2: single-hidden-layer MLP heads with dropout against overfitting
     if first.method == "bp":
-        defaults.update(BP_DEFAULTS, **BP_SETUPS.get(first.dataset, {}))
+        defaults.update(BP_DEFAULTS)
+    defaults.update(METHOD_SETUPS.get(first.method, {}).get(first.dataset, {}))
     parser = get_args_parser()
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
@@ -223,14 +223,15 @@ class ConvBackbone(nn.Module):
             in_ch = c
         self.norms = nn.ModuleList(nn.BatchNorm1d(c, affine=False) if feat_norm == "batch" else nn.Identity()
                                    for c in channels)
-        self.channels = list(channels)
+        self.channels, self.local = list(channels), False  # local: no gradient between stages (--method ff)
 
-    def forward(self, x):
-        feats = []
+    def forward(self, x, maps=False):
+        feats, outs = [], []
         for stage, norm in zip(self.stages, self.norms):
-            x = stage(x)
+            x = stage(x.detach() if self.local else x)
+            outs.append(x)
             feats.append(norm(x.mean((2, 3))))  # [B, C_s]
-        return feats
+        return (feats, outs) if maps else feats
 
 
 class BPClassifier(nn.Module):
@@ -256,6 +257,12 @@ def build_model(args, num_classes, in_ch):
     backbone = ConvBackbone(in_ch, channels, args.feat_norm)
     if args.method == "bp":
         return BPClassifier(backbone, num_classes, args.dim, args.hidden, args.T, args.head_blocks, args.dropout)
+    if args.method == "ff":  # SFF's energy read-out reads the flattened last maps
+        side = functools.reduce(lambda s, _: -(-s // 2), channels, args.img_size)
+        return core.ForwardForward(backbone, num_classes, "sff", channels[-1] * side ** 2, channels[-1], args.ff_copies)
+    if args.method == "noprop":  # T blocks, each with its own CNN
+        paths = [backbone] + [ConvBackbone(in_ch, channels, args.feat_norm) for _ in range(args.T - 1)]
+        return core.NoPropDT(paths, channels[-1], num_classes, args.dim, args.hidden, guard=not args.no_guard)
     if args.topology == "sequential":
         stages = [k * len(channels) // args.T for k in range(args.T)]
     else:
@@ -284,13 +291,14 @@ summary = core.classification_summary  # the per-epoch line
 
 def check_flags(args):
     """One-line exit for values and combinations that cannot run, before anything is written."""
-    for name in ("epochs", "bs", "T"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("epochs", "bs", "T", "ff_copies"):
+        if getattr(args, name, 1) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for used, flag in ((args.mode == "sequential", "--mode sequential trains flow heads one at a time"),
-                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps")):
-        if used and args.method == "bp":
-            sys.exit(f"error: {flag}; it does not apply to --method bp")
+                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps"),
+                       (getattr(args, "topology", "") == "sequential", "--topology sequential places flow heads")):
+        if used and args.method != "fm":
+            sys.exit(f"error: {flag}; it does not apply to --method {args.method}")
     if args.objective == "velocity" and args.span == "local":
         sys.exit("error: --span sets the times a flow-map head covers; it needs --objective flowmap")
     if not 0 <= args.diag <= 1:
@@ -345,7 +353,7 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
                                                optimizer, scheduler, ema)
     except core.CheckpointError as e:
         sys.exit(f"error: {e}")
-    forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
+    forward, local = core.distribute(model, args.method)
     loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)

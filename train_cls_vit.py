@@ -28,6 +28,8 @@ tokens), --head mlp on mean-pooled tokens; measured on digits in docs/research_n
 
 --method bp: the paper's baseline: the same ViT, then T stacked transformer blocks of the heads' size,
 mean pooling and a linear classifier, trained end to end (60 epochs, batch 128, lr 5e-4, wd 0.01).
+--method ff: CFF (core.ForwardForward 'cff'), each block trained by its own contrastive loss on two augmented
+views (core.TwoViews), a linear read-out; the paper's Forward-Forward comparison for the ViT (departures: README).
 """
 import argparse
 import functools
@@ -70,7 +72,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--data", default="data", help="dataset root folder (downloaded there when online)")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (0 for digits)")
     # method
-    p.add_argument("--method", default="fm", choices=["fm", "bp"], help="flow matching, or the backprop baseline")
+    p.add_argument("--method", default="fm", choices=["fm", "bp", "ff"],
+                   help="flow matching, the backprop baseline, or Forward-Forward (CFF, core.ForwardForward)")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential"],
                    help="schedule: every batch trains all heads, or Algorithm 1 (a full pass per head)")
     p.add_argument("--sigma-min", type=float, default=0.0, help="Lipman OT path sigma_min (0 = paper)")
@@ -192,6 +195,7 @@ def build_data(args):
     if not args.final:
         keep, held = core.validation_indices(len(train), VAL_FRACTION.get(args.dataset, 0.1))
         train, val = Subset(train, keep), core.WithIndex(Subset(train_plain, held))
+    train = core.TwoViews(train) if args.method == "ff" else train  # CFF: two augmented views of each image
     return core.Seeded(core.WithIndex(train), args.seed), val, core.WithIndex(test), num_classes, in_ch
 
 
@@ -211,14 +215,14 @@ class ViTBackbone(nn.Module):
                 layers += [nn.Conv2d(c, dim // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dim // 2), nn.ReLU(inplace=True)]
                 c, stride = dim // 2, stride * 2
             self.vit.patch_embed.proj = nn.Sequential(*layers, nn.Conv2d(c, dim, 1))
-        self.channels = [dim] * depth
+        self.channels, self.local = [dim] * depth, False  # local: no gradient between blocks (--method ff)
 
     def forward(self, x):
         vit = self.vit
         h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
         feats = []
-        for block in vit.blocks:
-            h = block(h)
+        for i, block in enumerate(vit.blocks):  # local: the embedding learns with block 0
+            h = block(h.detach() if self.local and i else h)
             feats.append(h)
         feats[-1] = vit.norm(h)
         return feats
@@ -256,6 +260,8 @@ def build_model(args, num_classes, in_ch):
     backbone = ViTBackbone(args.img_size, args.patch, in_ch, args.dim, args.depth, args.heads, args.stem)
     if args.method == "bp":
         return BPClassifier(backbone, num_classes, args.dim, args.heads, args.T)
+    if args.method == "ff":
+        return core.ForwardForward(backbone, num_classes, "cff", args.dim, args.dim)
     maps = args.objective == "flowmap"
     feat_dim = (args.img_size // args.patch) ** 2 * args.dim if args.head == "flat" else args.dim
     heads = [core.TokenFlowHead(args.dim, args.dim, args.heads, dropout=args.dropout, maps=maps) if args.head == "token"
@@ -281,13 +287,14 @@ summary = core.classification_summary  # the per-epoch line
 
 def check_flags(args):
     """One-line exit for values and combinations that cannot run, before anything is written."""
-    for name in ("epochs", "bs", "T"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("epochs", "bs", "T", "ff_copies"):
+        if getattr(args, name, 1) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for used, flag in ((args.mode == "sequential", "--mode sequential trains flow heads one at a time"),
-                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps")):
-        if used and args.method == "bp":
-            sys.exit(f"error: {flag}; it does not apply to --method bp")
+                       (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps"),
+                       (getattr(args, "topology", "") == "sequential", "--topology sequential places flow heads")):
+        if used and args.method != "fm":
+            sys.exit(f"error: {flag}; it does not apply to --method {args.method}")
     if args.objective == "velocity" and args.span == "local":
         sys.exit("error: --span sets the times a flow-map head covers; it needs --objective flowmap")
     if not 0 <= args.diag <= 1:
@@ -340,7 +347,7 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
                                                optimizer, scheduler, ema)
     except core.CheckpointError as e:
         sys.exit(f"error: {e}")
-    forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
+    forward, local = core.distribute(model, args.method)
     loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)

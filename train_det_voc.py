@@ -1053,7 +1053,7 @@ def run(args, model, optimizer, scheduler, ema, train_set, passes, step, evaluat
                                                optimizer, scheduler, ema)
     except core.CheckpointError as e:
         sys.exit(f"error: {e}")
-    forward, local = core.distribute(model.backbone if args.method == "fm" else model, model)
+    forward, local = core.distribute(model, args.method)
     loader = core.train_loader(train_set, args.workers, collate_fn, next(model.parameters()).device)
     save = functools.partial(core.save_run, args.out, model, optimizer, scheduler, ema, script=script,
                              flags=vars(args), **extra)
