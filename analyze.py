@@ -2,7 +2,7 @@
 
     python analyze.py --ckpt run.pt --probe                          # linear probe on frozen features
     python analyze.py --ckpt run.pt --inference --noise-seeds 5      # Table 3 (+ 2T, 4T steps, Heun)
-    python analyze.py --ckpt fm.pt --ckpt bp.pt --geometry           # Figure 5: ID and spread per stage
+    python analyze.py --ckpt fm.pt --ckpt bp.pt --ckpt ff.pt --geometry  # Figure 5: ID and spread per stage
     python analyze.py --ckpt run.pt --refinement                     # Figure 6: metric after each Euler step
     python analyze.py --ckpt run.pt --grad-variance                  # Figure 7 / Proposition 3, T = 4 and 6
     python analyze.py --ckpt fm.pt --ckpt bp.pt --curves             # Figures 2 and 4 from the JSON-lines logs

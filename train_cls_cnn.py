@@ -1,8 +1,8 @@
 """DFM image classification with a CNN trained from scratch (paper Appendix D.2, Table 5, Table 3).
 
-Result (offline digits quickstart, 2-core CPU, seed 0, 360 test images): fm ensemble 0.989 in 162 s,
-bp 0.994 in 264 s. MNIST-format digits (`docs/make_digits_mnist.py`, 2,000 test images, 8 epochs,
-seeds 0-2): fm ensemble 0.991 (0.990-0.992), bp 0.989 (0.985-0.992), 3-7 min per run; --hard data 0.836 / 0.880.
+Results (2-core CPU, seeds 0-2, test once per run): digits quickstart (360 test images) fm ensemble 0.987, bp 0.992,
+ff (SFF) 0.770, noprop 0.995; MNIST-format digits (`docs/make_digits_mnist.py`, 2,000 test images, 8 epochs) fm 0.991,
+bp 0.989, ff 0.873, noprop 0.991; --hard data fm 0.836, bp 0.880. README: "Comparison methods".
     python train_cls_cnn.py --dataset digits [--method bp] --out runs/cnn_digits.pt
 digits (scikit-learn's real handwritten digits, offline) is not a paper setup: a small CNN (channels
 32/64/128, d = 64, hidden 256, 30 epochs, EMA 0.98), a couple of minutes on a laptop CPU.
