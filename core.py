@@ -375,12 +375,12 @@ def blockwise_backward(features, head_ids, head_loss, all_features=False):
     return dict(zip(head_ids, values))
 
 
-def joint_backward(loss):
+def joint_backward(loss, name="bp"):
     """bp's one backward through the whole model, after the step's one read-back to the host; NonFiniteLoss
-    before it if the loss is NaN or inf. Returns {"loss": value}."""
+    (naming `name`) before it if the loss is NaN or inf. Returns {"loss": value}."""
     value = loss.item()
     if not math.isfinite(value):
-        raise NonFiniteLoss("bp", value)
+        raise NonFiniteLoss(name, value)
     loss.backward()
     return {"loss": value}
 
@@ -638,7 +638,7 @@ class ForwardForward(nn.Module):
             last = pool(views[0][-1]).detach()
             read = F.cross_entropy(self.readout(last).float(), y)
             probe = F.cross_entropy(self.probe(last).float(), y)
-        joint_backward(sum(losses) + read + probe)
+        joint_backward(sum(losses) + read + probe, f"{self.objective} stages or read-out")
         return {"loss": sum(losses).detach() / len(losses), "readout": read.detach(), "probe": probe.detach(),
                 **{f"loss_h{k}": loss.detach() for k, loss in enumerate(losses)}}
 
@@ -734,7 +734,7 @@ class NoPropDT(nn.Module):
         eps = train_noise(index, None if key is None else (*key, self.T), (self.dim,), x.device, n=len(y))[0]
         z_end = self.ab[-1].sqrt() * table[y] + (1 - self.ab[-1]).sqrt() * eps
         ce, probe = F.cross_entropy(self.out(z_end).float(), y), F.cross_entropy(self.probe(last[0]).float(), y)
-        joint_backward(ce + probe)
+        joint_backward(ce + probe, "output layer or probe")
         return {"loss": sum(losses.values()) / self.T, "output_ce": ce.detach(), "probe": probe.detach(),
                 **{f"loss_h{k}": v for k, v in losses.items()}}
 

@@ -2452,3 +2452,16 @@ def test_comparison_methods_build_train_and_evaluate_on_the_paper_cifar10_setup(
     assert np.isfinite(float(losses["loss"])) and all(p.grad is not None for p in model.backbone.parameters())
     metrics = core.evaluate_classifier(model, [(x, y, index)], torch.device("cpu"), 0, False, (1, 5))
     assert set(metrics) == {"acc", "acc_top5", "acc_probe", "acc_probe_top5"}
+
+
+def test_a_nonfinite_comparison_loss_is_named_before_any_gradient():
+    args = parse(train_cls_cnn, SMALL_CNN + ["--method", "ff"])
+    model = train_cls_cnn.build_model(args, 10, 1)
+    x = torch.randn(8, 1, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(core.NonFiniteLoss, match="sff stages or read-out"):
+        model.local_step(x, torch.randint(0, 10, (8,)), torch.arange(8), (0, 0, 0))
+    assert all(p.grad is None for p in model.parameters())
+    model = tiny_noprop()  # a NaN image reaches block 0's loss first: blockwise_backward names the block
+    with pytest.raises(core.NonFiniteLoss, match="head 0"):
+        model.local_step(torch.full((6, 1, 8, 8), float("nan")), torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6), None)
