@@ -297,6 +297,7 @@ def mode_inference(runs, args):
     rows = []
     for run in runs:
         if run.kind != "cls" or not run.is_fm:
+            print(f"inference  {run.path}: skipped, a {run.kind} {run.args.method} run (Table 3 reads fm classifiers)")
             continue
         test = run.data()[1]
         loader = run.loader(test, args.bs, args.limit)
@@ -375,6 +376,7 @@ def mode_refinement(runs, args):
     rows = []
     for run in runs:
         if not run.is_fm:
+            print(f"refinement  {run.path}: skipped, a {run.args.method} run (Euler steps are fm's)")
             continue
         test = run.data()[1]
         loader = run.loader(test, min(args.bs, 32) if run.kind == "det" else args.bs, args.limit)
