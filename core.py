@@ -689,7 +689,7 @@ class NoPropDT(nn.Module):
     def __init__(self, paths, feat_dim, num_classes, dim, hidden, eta=0.1, guard=True):
         super().__init__()
         T = len(paths)
-        self.backbone, self.dim, self.eta = BlockFeatures(paths), dim, eta
+        self.backbone, self.dim = BlockFeatures(paths), dim
         self.image = nn.ModuleList(nn.Sequential(nn.Linear(feat_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
                                    for _ in range(T))
         self.label = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())

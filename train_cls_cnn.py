@@ -3,7 +3,7 @@
 Results (2-core CPU, seeds 0-2, test once per run): digits quickstart (360 test images) fm ensemble 0.987, bp 0.992,
 ff (SFF) 0.770, noprop 0.995; MNIST-format digits (`docs/make_digits_mnist.py`, 2,000 test images, 8 epochs) fm 0.991,
 bp 0.989, ff 0.873, noprop 0.991; --hard data fm 0.836, bp 0.880. README: "Comparison methods".
-    python train_cls_cnn.py --dataset digits [--method bp] --out runs/cnn_digits.pt
+    python train_cls_cnn.py --dataset digits [--method bp|ff|noprop] --out runs/cnn_digits.pt
 digits (scikit-learn's real handwritten digits, offline) is not a paper setup: a small CNN (channels
 32/64/128, d = 64, hidden 256, 30 epochs, EMA 0.98), a couple of minutes on a laptop CPU.
 
@@ -257,7 +257,7 @@ def build_model(args, num_classes, in_ch):
     backbone = ConvBackbone(in_ch, channels, args.feat_norm)
     if args.method == "bp":
         return BPClassifier(backbone, num_classes, args.dim, args.hidden, args.T, args.head_blocks, args.dropout)
-    if args.method == "ff":  # SFF's energy read-out reads the flattened last maps
+    if args.method == "ff":  # SFF's energy read-out reads the flattened last maps: each stage halves the side, rounding up
         side = functools.reduce(lambda s, _: -(-s // 2), channels, args.img_size)
         return core.ForwardForward(backbone, num_classes, "sff", channels[-1] * side ** 2, channels[-1], args.ff_copies)
     if args.method == "noprop":  # T blocks, each with its own CNN

@@ -2,7 +2,7 @@
 
 Result (offline digits quickstart, 2-core CPU, seeds 0-2, 360 test images, lrs chosen on the validation
 split): fm ensemble 0.975 (0.972-0.978), bp 0.990 (0.983-0.997), ff (CFF) 0.992 (0.992-0.992).
-    python train_cls_vit.py --dataset digits [--method bp] --out runs/vit_digits.pt
+    python train_cls_vit.py --dataset digits [--method bp|ff] --out runs/vit_digits.pt
 
 Setups (paper defaults, picked by --dataset; every number can be overridden by its flag):
   cifar10       ViT[dim 128, depth 5, heads 4], patch 4, T = 5, 50 epochs, batch 128, random crop + flip
