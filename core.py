@@ -1426,14 +1426,15 @@ def _one_line(e):
 
 def train_one_epoch(model, train_step, passes, optimizer, scheduler, loader, epoch, *, bs, seed, clip=1.0,
                     max_steps=0, forward=None, local_params=(), ema=None, schedule_per_step=True, preempt=None,
-                    resume=None, peak=None, epochs=None):
+                    resume=None, peak=None, epochs=None, bn_batches=0, bn_input=None):
     """One epoch over `loader` (a `train_loader`): for each pass (its heads from `passes`, e.g.
     `head_schedule`), the batches fixed by (seed, epoch, pass); per batch
     train_step(model, forward, batch, heads, noise_key) runs forward and
     backward (noise_key = (seed, epoch, pass) keys the per-sample noise), then the heads' gradients are
     reduced over processes (`local_params`), clipped, and the optimiser, per-step scheduler and EMA step.
     forward: the DDP wrapper (`distribute`) or None. resume: the position a preempted run saved. peak:
-    the step memory measured so far (measured on the first step when None).
+    the step memory measured so far (measured on the first step when None). bn_batches > 0: then `precise_bn`
+    of the model's backbone (and the EMA's) on the epoch's first bn_batches batches, bn_input(batch) -> its input.
     Returns (mean of each logged loss, peak). Raises Preempted after the step during which SIGTERM came,
     NonFiniteLoss with .step set, DataError with one line for data a loader worker could not read."""
     device, train_set = next(model.parameters()).device, loader.dataset
@@ -1477,11 +1478,34 @@ def train_one_epoch(model, train_step, passes, optimizer, scheduler, loader, epo
         raise DataError(_one_line(e)) from None
     finally:
         bar.close()
+    if bn_batches:
+        loader.batch_sampler.batches = epoch_batches(train_set, bs, epoch * len(passes), seed, drop_last)[:bn_batches]
+        loader.batch_sampler.tag = epoch * len(passes)
+        precise_bn([getattr(m, "backbone", m) for m in [model] + ([ema.module] if ema is not None else [])], loader,
+                   lambda batch: bn_input(batch).to(device, non_blocking=True))
     if not schedule_per_step:
         scheduler.step()
     names = sorted(sums)
     totals = all_sum([float(sums[n]) for n in names] + [count])
     return {n: v / totals[-1] for n, v in zip(names, totals)}, peak
+
+
+@torch.no_grad()
+def precise_bn(modules, loader, read):
+    """Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"; pycls's PreciseBN): every BatchNorm of
+    `modules` gets as running statistics the plain mean (torch.optim.swa_utils.update_bn) of its batch statistics
+    over the batches `loader` yields, read with the weights as they are now; read(batch) -> the module's input.
+    Momentum-0.1 running averages lag weights that move fast: at the lr peak of an 8-epoch run the evaluation
+    saw statistics of older weights and validation accuracy fell by up to 0.08 (docs/research_notes.md, issue 28).
+    Under torchrun each process estimates on its own batches, then the processes average. The RNG is untouched."""
+    for module in modules:
+        devices = [p.device for p in module.parameters() if p.device.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=devices):
+            torch.optim.swa_utils.update_bn((read(batch) for batch in loader), module)
+        if world_size() > 1:
+            for stat in (b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                         for b in (m.running_mean, m.running_var)):
+                stat.copy_(torch.tensor(all_sum(stat.tolist()), dtype=stat.dtype, device=stat.device) / world_size())
 
 
 def evaluate_run(model, ema, val=None, test=None):

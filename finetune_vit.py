@@ -274,9 +274,9 @@ def summary(record):
 
 def check_flags(args):
     """One-line exit for values and combinations that cannot run, before anything is written."""
-    for name in ("epochs", "bs", "T", "ff_copies"):
-        if getattr(args, name, 1) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, least in (("epochs", 1), ("bs", 1), ("T", 1), ("ff_copies", 1), ("bn_batches", 0)):
+        if getattr(args, name, least) < least:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     for used, flag in ((args.mode == "sequential", "--mode sequential trains flow heads one at a time"),
                        (args.objective == "flowmap", "--objective flowmap trains flow heads as flow maps"),
                        (getattr(args, "topology", "") == "sequential", "--topology sequential places flow heads")):

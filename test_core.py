@@ -1193,6 +1193,51 @@ def test_ema_warms_up_its_decay_and_can_keep_the_trained_batchnorm_statistics():
         assert mean == pytest.approx(29.0) if buffers == "raw" else mean == pytest.approx(expected, rel=1e-5)
 
 
+def test_precise_bn_sets_the_mean_of_the_batch_statistics_and_leaves_the_rng_and_the_mode_alone():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.BatchNorm1d(4)).eval()
+    batches = [torch.randn(8, 3) * (i + 1) + i for i in range(3)]
+    with torch.no_grad():
+        h = [net[0](x) for x in batches]
+    rng = torch.get_rng_state()
+    core.precise_bn([net], batches, lambda x: x)
+    assert torch.equal(torch.get_rng_state(), rng) and not net.training
+    bn = net[2]  # dropout was on while it read: statistics of the training-mode activations
+    assert not torch.allclose(bn.running_mean, torch.stack([a.mean(0) for a in h]).mean(0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        d = [net[1].train()(a) for a in h]
+    net.eval()
+    torch.manual_seed(0)  # the same dropout masks as above: the forked RNG starts from the same state
+    core.precise_bn([net], batches, lambda x: x)
+    assert torch.allclose(bn.running_mean, torch.stack([a.mean(0) for a in d]).mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, torch.stack([a.var(0) for a in d]).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1
+
+
+def test_a_run_trains_the_same_weights_with_precise_bn_and_evaluates_with_the_epochs_statistics(tmp_path):
+    argv = SMALL_CNN + ["--epochs", "2", "--max-steps", "3"]
+    runs = {n: core.load_checkpoint(run_script(train_cls_cnn, argv + ["--bn-batches", str(n)], tmp_path, f"{n}.pt")[1])
+            for n in (0, 2)}
+    params = lambda state: {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(params(runs[0]["model"]).values(), params(runs[2]["model"]).values()))
+    assert not torch.equal(runs[0]["model"]["backbone.stages.0.1.running_mean"],
+                           runs[2]["model"]["backbone.stages.0.1.running_mean"])
+    args = parse(train_cls_cnn, argv)
+    train_set = train_cls_cnn.build_data(args)[0]
+    first = [torch.stack([train_set[(1, i)][0] for i in b])  # epoch 2's first two batches, as the loader reads them
+             for b in core.epoch_batches(train_set, args.bs, 1, args.seed, True)[:2]]
+    for weights in ("model", "ema"):
+        model = train_cls_cnn.build_model(args, 10, 1)
+        state = runs[2][weights]
+        if weights == "ema":
+            state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+        model.load_state_dict(state)
+        expected = copy.deepcopy(model)
+        torch.optim.swa_utils.update_bn(first, expected.backbone)
+        for k, v in expected.state_dict().items():
+            assert torch.allclose(v.float(), state[k].float(), atol=1e-6), (weights, k)
+
+
 def test_a_run_with_ema_logs_the_raw_weights_too(tmp_path):
     record, out = run_script(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "3"], tmp_path)
     assert {"raw_acc_ensemble", "raw_acc_probe", "raw_acc_multistep"} <= set(record)
@@ -1225,8 +1270,12 @@ def test_single_hidden_layer_head_is_nonlinear():
     (train_cls_cnn, ["--dataset", "cifar100"], "erasing", 0.25),
     (train_cls_cnn, ["--dataset", "mnist"], "t_dist", "early"),  # issue 28's choices on validation
     (train_cls_cnn, ["--dataset", "mnist", "--t-dist", "uniform"], "t_dist", "uniform"),
-    (train_cls_cnn, ["--dataset", "mnist", "--method", "bp"], "lr", 5e-4),
-    (train_cls_cnn, ["--dataset", "mnist", "--method", "bp"], "warmup", 1),
+    (train_cls_cnn, ["--dataset", "mnist", "--method", "bp"], "lr", 2e-3),
+    (train_cls_cnn, ["--dataset", "mnist", "--method", "bp"], "dim", 512),
+    (train_cls_cnn, ["--dataset", "mnist"], "dim", 128),
+    (train_cls_cnn, ["--dataset", "mnist", "--method", "ff"], "warmup", 5),
+    (train_cls_cnn, ["--dataset", "mnist", "--method", "noprop"], "lr", 5e-4),
+    (train_cls_cnn, ["--dataset", "mnist", "--method", "bp"], "warmup", 2),
     (train_cls_cnn, ["--dataset", "cifar10", "--method", "bp"], "lr", 1e-3),
     (train_cls_vit, ["--dataset", "tinyimagenet", "--meth", "bp", "--ep", "7"], "epochs", 7),
     (train_cls_vit, ["--dataset", "tinyimagenet"], "heads", 6),
