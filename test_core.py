@@ -1329,7 +1329,8 @@ def test_every_paper_setup_builds_trains_and_evaluates(module, dataset, extra, c
     if module is train_cls_vit and dataset == "tinyimagenet":
         assert (args.dim, args.depth, args.heads, args.T) == (240, 7, 6, 7)  # ViT[240 6 7]: d, heads, depth
     if module is train_cls_cnn and method == "fm":
-        assert (args.channels, args.dim, args.hidden) == ("96,384,1536", 512, 1024)
+        d = 128 if dataset == "mnist" else 512  # MNIST: d 128, chosen on validation (issue 28), a stated departure
+        assert (args.channels, args.dim, args.hidden) == ("96,384,1536", d, 1024)
 
 
 @pytest.mark.parametrize("method", ["fm", "bp"])
