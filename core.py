@@ -1502,10 +1502,12 @@ def precise_bn(modules, loader, read):
         devices = [p.device for p in module.parameters() if p.device.type == "cuda"][:1]
         with torch.random.fork_rng(devices=devices):
             torch.optim.swa_utils.update_bn((read(batch) for batch in loader), module)
-        if world_size() > 1:
-            for stat in (b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                         for b in (m.running_mean, m.running_var)):
-                stat.copy_(torch.tensor(all_sum(stat.tolist()), dtype=stat.dtype, device=stat.device) / world_size())
+        stats = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for b in (m.running_mean, m.running_var)]
+        if world_size() > 1 and stats:  # one reduction for all of them
+            mean = torch.tensor(all_sum(torch.cat([s.flatten() for s in stats]).tolist())) / world_size()
+            for s, part in zip(stats, mean.split([s.numel() for s in stats])):
+                s.copy_(part.view_as(s))
 
 
 def evaluate_run(model, ema, val=None, test=None):

@@ -55,7 +55,7 @@ PAPER = dict(channels="96,384,1536", dim=512, hidden=1024, epochs=200, warmup=5,
 SETUPS = {name: dict(PAPER, img_size=size) for name, size in IMG_SIZE.items()}
 SETUPS["digits"].update(channels="32,64,128", dim=64, hidden=256, epochs=30, warmup=1, ema=0.98)
 METHOD_SETUPS = {"fm": {"mnist": dict(t_dist="early", lr=2e-3, warmup=1, dim=128)},  # on validation (issue 28)
-                 "bp": {"mnist": dict(lr=2e-3, warmup=2)},  # bp's, on the same validation, 11 variants (issue 28)
+                 "bp": {"mnist": dict(lr=2e-3, warmup=2)},  # bp's, on the same validation, 10 variants (issue 28)
                  "ff": {"digits": dict(lr=1.5e-3), "mnist": dict(ff_copies=8)},  # on validation (issue 30)
                  "noprop": {"digits": dict(lr=4e-3)}}
 SETUPS["cifar100"].update(erasing=0.25)
@@ -113,7 +113,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--warmup", type=int, default=PAPER["warmup"], help="linear warmup epochs before cosine (paper 5; bp 0)")
     p.add_argument("--ema", type=float, default=PAPER["ema"],
                    help="weight EMA decay with warm-up min(decay, (1+n)/(10+n)), 0 to disable (paper 0.995; bp 0)")
-    p.add_argument("--ema-bn", default="avg", choices=["avg", "raw"], help="EMA's BatchNorm statistics: averaged, or raw")
+    p.add_argument("--ema-bn", default="avg", choices=["avg", "raw"], help="EMA's BN statistics between evals: avg or raw")
     p.add_argument("--bn-batches", type=int, default=10, help="precise BN before each evaluation: BatchNorm statistics "
                    "re-estimated on this many training batches (core.precise_bn); 0: the running averages (paper)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
