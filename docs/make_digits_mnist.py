@@ -10,12 +10,11 @@ both come from the train digits, split 80/20 by source glyph (for choosing recip
 --hard (issue 28): the difficulty of real handwriting from the same glyphs: a stronger affine (rotation
 +-20 deg, scale 0.8-1.15, shear +-0.3, shift +-3 px), an elastic distortion (Simard et al. 2003: a
 Gaussian-smoothed random displacement field, sigma 4 px, alpha 30 px) and a random stroke width (a 3x3
-grey erosion, none, or a dilation). Used for issue 14's and 28's measurements (docs/research_notes.md);
-not needed to use the project.
---transfer (issue 37): a pretraining source for `finetune_vit.py --dataset digits --weights RUN.pt`. Its
-glyphs are only those that fine-tuning trains on (core.digits_split's train part less finetune_vit's
-validation split), so no target validation or test glyph, nor any image made from one, enters pretraining;
-its own t10k files come from 20% of those glyphs (by glyph), its train files from the other 80%.
+grey erosion, none, or a dilation). Used for issue 14's and 28's measurements (docs/research_notes.md).
+--transfer (issue 37; the README's offline fine-tuning pipeline): a pretraining source for `finetune_vit.py
+--dataset digits --weights RUN.pt`. Its glyphs are only those that fine-tuning trains on (core.digits_split's
+train part less finetune_vit's validation split), so no target validation or test glyph, nor any image made
+from one, enters pretraining; its t10k files come from 20% of those glyphs (by glyph), train from the rest.
 """
 import argparse
 import os
