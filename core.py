@@ -1036,16 +1036,15 @@ def load_weights(module, path, name, skip=(), new=None, state=None):
     ignored on both sides, and keys of `module` containing `new` allowed to be absent from the file (they
     keep their values); WeightsError with one line naming the file when it cannot be read or does not
     fit exactly. Returns the absent keys."""
-    try:
-        if state is not None:
-            pass
-        elif path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"cannot read weights file {path} ({type(e).__name__})") from None
+    if state is None:
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                state = load_file(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightsError(f"cannot read weights file {path} ({type(e).__name__})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

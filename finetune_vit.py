@@ -165,9 +165,9 @@ RESUME_MATCH = ("dataset", "method", "final") + tuple(
 
 
 # ---- Model ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)  # parse_args and the backbone both ask: read the file once
 def source_run(path):
-    """The checkpoint at `path` if a finetune_vit.py run wrote it, None for any other weights file (a state
-    dict); WeightsError with one line for another script's run."""
+    """The (read-only) checkpoint if a finetune_vit.py run wrote `path`, None for a state dict; WeightsError."""
     try:
         state = core.load_checkpoint(path)
     except core.CheckpointError:
